@@ -1,0 +1,127 @@
+"""Throwaway network namespaces for integration tests, and what we observe in them.
+
+Observation deliberately goes through `ip -j` rather than nichooks' own pyroute2
+code: a test that read state through the code under test could not catch that
+code misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+VENV_BIN = Path(sys.executable).parent
+PREFIX = "nht-"
+
+
+def bin_path(name: str) -> str:
+    """The installed entry point (its shebang names the venv's interpreter)."""
+    return str(VENV_BIN / name)
+
+
+class Netns:
+    """One network namespace made by a test, removed by it."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or PREFIX + secrets.token_hex(4)
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.ip("link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def __enter__(self) -> "Netns":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+    def run(self, *argv: str, env: dict[str, str] | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a program inside the namespace (with its own /sys, as hooks see it)."""
+        return subprocess.run(["ip", "netns", "exec", self.name, *argv], env=env,
+                              capture_output=True, text=True, check=check, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise AssertionError(f"ip -n {self.name} {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def ipj(self, *args: str) -> Any:
+        out = subprocess.run(["ip", "-j", "-n", self.name, *args], capture_output=True,
+                             text=True, check=True).stdout
+        return json.loads(out) if out.strip() else []
+
+    def link(self, name: str) -> dict[str, Any]:
+        """One link as `ip -j -d link show` reports it; AssertionError if absent."""
+        found = self.ipj("-d", "link", "show", "dev", name)
+        assert found, f"{name} not found in {self.name}"
+        return found[0]
+
+    def has_link(self, name: str) -> bool:
+        return any(link["ifname"] == name for link in self.ipj("link", "show"))
+
+    def sysctl(self, key: str) -> str:
+        return self.run("sysctl", "-n", key).stdout.strip()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a hook may touch, in a form two snapshots can be compared in."""
+        links = []
+        for link in self.ipj("-d", "link", "show"):
+            links.append({
+                "ifname": link["ifname"],
+                "mtu": link.get("mtu"),
+                "address": link.get("address"),
+                "master": link.get("master"),
+                "up": "UP" in link.get("flags", []),
+                "kind": link.get("linkinfo", {}).get("info_kind"),
+            })
+        snap: dict[str, Any] = {"links": sorted(links, key=lambda x: x["ifname"])}
+        snap["addrs"] = sorted(
+            (a["ifname"], i["local"], i["prefixlen"])
+            for a in self.ipj("addr", "show") for i in a.get("addr_info", []))
+        for fam in ("-4", "-6"):
+            snap[f"rules{fam}"] = self.ipj(fam, "rule", "show")
+            snap[f"routes{fam}"] = sorted(
+                json.dumps(r, sort_keys=True) for r in self.ipj(fam, "route", "show", "table", "all"))
+            snap[f"proxy{fam}"] = self.ip(fam, "neigh", "show", "proxy")
+        snap["bridge_vlans"] = self.ipj("-d", "link", "show", "type", "bridge")
+        return snap
+
+
+def list_netns() -> set[str]:
+    out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
+    return {n["name"] for n in json.loads(out)} if out.strip() else set()
+
+
+def root_links() -> list[tuple[str, str | None]]:
+    """The root namespace's links: tests assert they never change."""
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    return sorted((link["ifname"], link.get("master")) for link in json.loads(out))
+
+
+def hook_env(state_dir: Path, conf_dir: Path, **nic: str) -> dict[str, str]:
+    """A minimal, explicit environment for running a hook, as Ganeti would build it."""
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL": "C",
+        "NICHOOKS_STATE_DIR": str(state_dir),
+        "NICHOOKS_CONF_DIR": str(conf_dir),
+        "GANETI_RUN_DIR": str(state_dir / "ganeti-run"),
+    }
+    env.update(nic)
+    return env
+
+
+def require_root() -> None:
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("integration tests need root (network namespaces)")
