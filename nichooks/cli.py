@@ -1,0 +1,127 @@
+"""`nichooks` subcommands for operators: plan, status, try, and the hooks by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nichooks.entry import kvm_ifdown, kvm_ifup, run_guarded
+from nichooks.errors import EXIT_OK, EXIT_PLUMBING
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nichooks import settings as settingsmod
+    from nichooks.hooks import build_plan, nic_for_ifup
+    from nichooks.net_common.netlink import Netlink
+
+    env = os.environ
+    settings = settingsmod.load(env)
+    nic = nic_for_ifup(env, args.tap, settings)
+    net = Netlink()
+    try:
+        plan = build_plan(nic, net)
+    finally:
+        net.close()
+    if args.json:
+        print(json.dumps({"nic": {"instance": nic.instance, "uuid": nic.uuid, "tap": nic.tap,
+                                  "mode": nic.mode, "link": nic.link, "mac": nic.mac,
+                                  "vlan": nic.vlan.canonical() if nic.vlan else None},
+                          "steps": plan.as_data(), "notes": plan.notes}, indent=2))
+    else:
+        print(plan.text())
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from nichooks import settings as settingsmod
+    from nichooks.journal import Store
+    from nichooks.net_common.netlink import Netlink
+    from nichooks.plan import PRESENT, load_backends
+
+    load_backends()
+    settings = settingsmod.load(os.environ)
+    store = Store(settings.state_dir)
+    net = Netlink()
+    rows: list[dict[str, Any]] = []
+    try:
+        for key, journal in store.journals():
+            if journal is None:
+                rows.append({"key": key, "error": "unreadable journal"})
+                continue
+            items = []
+            for record in journal.records:
+                check = PRESENT.get(record.kind)
+                try:
+                    present = check(net, record.undo) if check else None
+                except Exception:
+                    present = None
+                items.append({"step": record.step, "present": present, "status": record.status})
+            rows.append({"key": key, "instance": journal.instance, "uuid": journal.key,
+                         "tap": journal.tap, "mode": journal.mode, "link": journal.link,
+                         "state": journal.state, "context": journal.context, "items": items})
+    finally:
+        net.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no NICs journaled in {store.nics}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['key']}: {row['error']}")
+            continue
+        print(f"{row['instance']} {row['tap']} uuid={row['uuid']} mode={row['mode']} "
+              f"link={row['link'] or '-'} state={row['state']}")
+        for item in row["items"]:
+            mark = {True: "present", False: "MISSING", None: "unknown"}[item["present"]]
+            extra = " (undo failed before)" if item["status"] == "failed" else ""
+            print(f"    [{mark}] {item['step']}{extra}")
+    return EXIT_OK
+
+
+def _try(args: argparse.Namespace) -> int:
+    from nichooks.demo import run_demo
+
+    return run_demo(keep_going=args.no_pause)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nichooks", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="show what ifup would do for a NIC, changing nothing")
+    p.add_argument("tap", nargs="?", help="the tap (else INTERFACE); NIC data from the "
+                   "environment when MODE is set, else from the tap's spec file")
+    p.add_argument("--json", action="store_true", help="the plan as data")
+    p.set_defaults(fn=_plan)
+    p = sub.add_parser("status", help="journaled NICs and whether each item is still in place")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_status)
+    p = sub.add_parser("try", help="a self-contained demo in throwaway network namespaces")
+    p.add_argument("--no-pause", action="store_true", help="(kept for scripts; the demo never waits)")
+    p.set_defaults(fn=_try)
+    for name, help_text in (("ifup", "kvm-ifup TAP"), ("ifdown", "kvm-ifdown TAP [CONTEXT]")):
+        p = sub.add_parser(name, help=f"run the hook as {help_text} would")
+        p.add_argument("args", nargs="*")
+        p.set_defaults(fn=None, hook=name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fn is None:
+        hook = kvm_ifup if args.hook == "ifup" else kvm_ifdown
+        return hook([f"nichooks {args.hook}", *args.args, *(["-v"] if args.verbose else [])])
+    return run_guarded(lambda: int(args.fn(args)), args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["EXIT_PLUMBING", "main"]

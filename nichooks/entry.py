@@ -1,0 +1,94 @@
+"""The thin entry points behind bin/: argv in, exit status out.
+
+Every expected failure becomes one `nichooks: ...` line and exit 1 or 2; anything
+unexpected becomes one line and exit 1 as well (the traceback only with -v or
+NICHOOKS_DEBUG=1), because Ganeti shows a hook's output only on failure, verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from nichooks.errors import EXIT_INVALID, EXIT_OK, EXIT_PLUMBING, NicHooksError
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def _split(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
+    """(positionals, verbose, help)."""
+    positionals = [a for a in argv[1:] if a not in (*VERBOSE_FLAGS, "-h", "--help")]
+    return positionals, any(a in VERBOSE_FLAGS for a in argv[1:]), \
+        any(a in ("-h", "--help") for a in argv[1:])
+
+
+def run_guarded(fn: Callable[[], int], verbose: bool) -> int:
+    try:
+        return fn()
+    except NicHooksError as exc:
+        print(exc.line(), file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("nichooks: interrupted", file=sys.stderr)
+        return EXIT_PLUMBING
+    except Exception as exc:  # an unexpected failure still gets one line, not a traceback
+        if verbose or os.environ.get("NICHOOKS_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        print(f"nichooks: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PLUMBING
+
+
+IFUP_USAGE = "usage: kvm-ifup [-v] [TAP]   (NIC data from the environment or the spec file)"
+IFDOWN_USAGE = ("usage: kvm-ifdown [-v] TAP [CONTEXT]   (CONTEXT: true, false, shutdown, "
+                "migrate, migrate-failed, hot-unplug, vanished)")
+
+
+def kvm_ifup(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    positionals, verbose, want_help = _split(argv)
+    if want_help:
+        print(IFUP_USAGE)
+        return EXIT_OK
+    if env.get("ACTION") == "down":
+        # Ganeti 3.2 runs one dispatcher with ACTION=down for the teardown.
+        return kvm_ifdown([argv[0], *positionals[:1], *(["-v"] if verbose else [])], env)
+
+    def go() -> int:
+        from nichooks.hooks import Request, ifup
+
+        if not env.get("INTERFACE") and len(positionals) > 1:
+            print(f"nichooks: {IFUP_USAGE}", file=sys.stderr)
+            return EXIT_INVALID
+        ifup(Request(env=env, tap=positionals[0] if positionals else None, verbose=verbose))
+        return EXIT_OK
+
+    return run_guarded(go, verbose)
+
+
+def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    positionals, verbose, want_help = _split(argv)
+    if want_help:
+        print(IFDOWN_USAGE)
+        return EXIT_OK
+
+    def go() -> int:
+        from nichooks.hooks import Request, down_context, ifdown, print_warnings
+
+        if len(positionals) > 2:
+            print(f"nichooks: {IFDOWN_USAGE}", file=sys.stderr)
+            return EXIT_INVALID
+        context = down_context(positionals[1] if len(positionals) > 1 else None)
+        tap = positionals[0] if positionals else None
+        print_warnings(ifdown(Request(env=env, tap=tap, context=context, verbose=verbose)))
+        return EXIT_OK
+
+    return run_guarded(go, verbose)
+
+
+def vif_ganeti(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    print("nichooks: vif-ganeti: Xen support is not implemented yet", file=sys.stderr)
+    return EXIT_PLUMBING

@@ -1,0 +1,410 @@
+"""ifup and ifdown: lock, converge, plan, apply with a write-ahead journal, verify,
+hand over to custom scripts; or replay the journal backwards.
+
+The core is a function from a request (the caller's variables, argv's tap, a
+context) to a result, with no global state, so it can later run inside a warm
+agent process unchanged (DESIGN §2 "Speed").
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from nichooks import nic as nicmod
+from nichooks import settings as settingsmod
+from nichooks import validate
+from nichooks.errors import InvalidInput, NicHooksError, PlumbingError
+from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.locks import acquire, lock_names
+from nichooks.log import HookLog
+from nichooks.net_common.netlink import Netlink, NetlinkError
+from nichooks.plan import UNDO, Plan, load_backends
+
+UP_CONTEXTS = ("start", "migrate", "hot-add")
+DOWN_CONTEXTS = ("shutdown", "migrate", "migrate-failed", "hot-unplug", "vanished")
+# Ganeti's ifdown design: `true` = node-local cleanup only, `false` = hot-unplug.
+GANETI_DOWN_ARGS = {"true": "shutdown", "false": "hot-unplug"}
+
+
+@dataclass(frozen=True)
+class Request:
+    env: Mapping[str, str]
+    tap: str | None = None       # argv[1]; informational when INTERFACE is set
+    context: str | None = None
+    verbose: bool = False
+
+
+# -- where the NIC comes from ---------------------------------------------------
+def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
+                 settings: settingsmod.Settings) -> nicmod.Nic:
+    """The environment when MODE is set (Ganeti), else the spec file for the tap
+    (plain QEMU `script=`)."""
+    if env.get("MODE"):
+        return nicmod.from_variables(env, tap=tap_arg)
+    interface = env.get("INTERFACE")
+    if interface:
+        tap = validate.ifname("INTERFACE", interface)
+    elif tap_arg:
+        tap = validate.ifname("argument TAP", tap_arg)
+    else:
+        raise InvalidInput("INTERFACE", "is not set and no TAP argument was given")
+    spec = settings.specs_dir / tap
+    try:
+        text = spec.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInput("MODE", f"is not set and there is no spec file {spec}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(str(spec), f"cannot be read: {exc}") from None
+    from nichooks.shellvars import parse_assignments
+
+    variables = parse_assignments(text, str(spec))
+    variables["INTERFACE"] = tap  # the device is the one QEMU named, whatever the file says
+    for name in ("MIGRATION_PHASE",):
+        if env.get(name):
+            variables.setdefault(name, env[name])
+    return nicmod.from_variables(variables, tap=tap)
+
+
+def build_plan(nic: nicmod.Nic, net: Netlink) -> Plan:
+    """Preflight and plan for the NIC's mode; raises before anything is changed."""
+    if nic.mode == "bridged":
+        from nichooks.net_common import bridge
+
+        return bridge.plan(nic, net)
+    if nic.mode == "ext":
+        # Ganeti 3.2's `ext` mode: the administrator's scripts do all the work.
+        return Plan(mode="ext", nic_label=nic.label(),
+                    notes=["ext mode: only the custom scripts run"])
+    raise PlumbingError(f"MODE={nic.mode} is not supported by this version of nichooks",
+                        nic=nic.label(), step="preflight")
+
+
+# -- undo -------------------------------------------------------------------------
+def undo_records(net: Netlink, records: list[Record], log: HookLog) -> list[Record]:
+    """Undo records in reverse, each independently (best effort); return the ones
+    that failed, in journal order, marked failed with the cause."""
+    load_backends()
+    failed: list[Record] = []
+    for record in reversed(records):
+        fn = UNDO.get(record.kind)
+        try:
+            if fn is None:
+                raise ValueError(f"no undo for record kind {record.kind!r}")
+            fn(net, record.undo)
+        except Exception as exc:  # best effort: one failure must not stop the rest
+            record.status, record.error = "failed", _cause(exc)
+            failed.append(record)
+            log.error("undo", step=record.step, result="failed", cause=record.error)
+        else:
+            log.info("undo", step=record.step, result="ok")
+    failed.reverse()
+    return failed
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, NetlinkError):
+        return f"{exc} (errno {exc.code})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__
+
+
+# -- locking --------------------------------------------------------------------------
+def _journal_tap(store: Store, key: str) -> str | None:
+    try:
+        journal = store.load(key)
+    except CorruptJournal:
+        return None
+    return journal.tap if journal else None
+
+
+def _lock_set(store: Store, key: str | None, tap: str | None) -> list[str]:
+    """Every lock a call on (key, tap) needs: the NIC, its tap, the tap its journal
+    names (hot-modify moved it), and the NIC that last claimed the tap name."""
+    keys, taps = set(), set()
+    if key:
+        keys.add(key)
+        old_tap = _journal_tap(store, key)
+        if old_tap:
+            taps.add(old_tap)
+    if tap:
+        taps.add(tap)
+        owner = store.tap_owner(tap)
+        if owner:
+            keys.add(owner)
+    return lock_names(keys, taps)
+
+
+def lock_nic(stack: ExitStack, store: Store, key: str | None, tap: str | None,
+             timeout: float, label: str) -> None:
+    """Take the lock set, re-checking it did not change while we waited."""
+    for _ in range(8):
+        names = _lock_set(store, key, tap)
+        inner = ExitStack()
+        acquire(inner, store.locks, names, timeout, label)
+        if _lock_set(store, key, tap) == names:
+            stack.push(inner)
+            return
+        inner.close()
+    raise PlumbingError("the NIC's journal kept changing while waiting for its locks",
+                        nic=label, step="lock")
+
+
+# -- ifup -----------------------------------------------------------------------------
+def _converge(store: Store, net: Netlink, nic: nicmod.Nic, log: HookLog) -> list[Record]:
+    """Undo any earlier plug of this NIC, and any other NIC's plug that claimed this
+    tap name; return the records of our own NIC that could not be undone, which the
+    new journal carries so a later ifdown or sweep retries them."""
+    carried: list[Record] = []
+    keys = [nic.key]
+    owner = store.tap_owner(nic.tap)
+    if owner and owner != nic.key:
+        keys.append(owner)
+    for key in keys:
+        try:
+            journal = store.load(key)
+        except CorruptJournal as exc:
+            dest = store.quarantine(key)
+            log.warning("converge", journal=key, result="corrupt", moved_to=dest, cause=exc)
+            continue
+        if journal is None:
+            store.release_tap(nic.tap, key)
+            continue
+        log.info("converge", journal=key, old_tap=journal.tap, records=len(journal.records))
+        failed = undo_records(net, journal.records, log)
+        store.release_tap(journal.tap, key)
+        if key == nic.key:
+            carried = failed
+            store.delete(key)
+        elif failed:
+            journal.records, journal.state = failed, "undo-failed"
+            store.save(journal)
+        else:
+            store.delete(key)
+    return carried
+
+
+def ifup(request: Request) -> None:
+    settings = settingsmod.load(request.env)
+    nic = nic_for_ifup(request.env, request.tap, settings)
+    context = request.context or ("migrate" if nic.migration_phase else "start")
+    log = HookLog(verbose=request.verbose or settings.debug, instance=nic.instance,
+                  uuid=nic.uuid, tap=nic.tap, context=context, mode=nic.mode)
+    store = Store(settings.state_dir)
+    store.ensure()
+    net = Netlink()
+    try:
+        with ExitStack() as stack:
+            lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
+            carried = _converge(store, net, nic, log)
+            plan = build_plan(nic, net)
+            tap_state = net.find(nic.tap)
+            journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
+                              link=nic.link, ifindex=tap_state.index if tap_state else None,
+                              context=context, variables=dict(nic.variables),
+                              records=list(carried))
+            store.save(journal)
+            store.claim_tap(nic.tap, nic.key)
+            _apply(store, net, nic, plan, journal, log, len(carried),
+                   fault=request.env.get("NICHOOKS_TEST_FAULT", ""))
+            _verify(store, net, nic, plan, journal, log, len(carried))
+            failures = _run_custom(settings, nic.tap, request.env, nic.variables, "up",
+                                   context, log, stop_on_failure=True)
+            if failures:
+                _rollback(store, net, nic, journal, log, len(carried),
+                          f"custom script failed: {failures[0].reason}", "custom script")
+            journal.state = "applied"
+            store.save(journal)
+            log.info("ifup", result="ok", steps=len(plan.steps))
+    finally:
+        net.close()
+
+
+def _apply(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Journal,
+           log: HookLog, first_new: int, fault: str = "") -> None:
+    """Apply the steps in order, each one's undo record on disk before it runs.
+
+    `fault` is a testing knob (NICHOOKS_TEST_FAULT): `fail-at:N` makes step N fail
+    as if the kernel refused it, `kill-after:N` SIGKILLs this process right after
+    step N, so tests can prove rollback and crash recovery at every point."""
+    for number, step in enumerate(plan.steps, 1):
+        try:
+            record = step.prepare(net)
+            journal.records.append(record)
+            store.save(journal)  # write-ahead: the undo is on disk before the change
+            if fault == f"fail-at:{number}":
+                raise RuntimeError("injected fault (NICHOOKS_TEST_FAULT)")
+            step.apply(net)
+            if fault == f"kill-after:{number}":
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+        except BaseException as exc:
+            cause = _cause(exc)
+            log.error("step", step=step.describe(), result="failed", cause=cause)
+            if not isinstance(exc, Exception):
+                _rollback_quietly(store, net, nic, journal, log, first_new)
+                raise
+            _rollback(store, net, nic, journal, log, first_new, cause, step.describe())
+        log.info("step", step=step.describe(), result="ok")
+
+
+def _verify(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Journal,
+            log: HookLog, first_new: int) -> None:
+    """Read back what was applied (nmstate's apply-verify-commit)."""
+    for step in plan.steps:
+        mismatch = step.verify(net)
+        if mismatch:
+            log.error("verify", step=step.describe(), result="mismatch", cause=mismatch)
+            _rollback(store, net, nic, journal, log, first_new, f"read back: {mismatch}",
+                      f"verify {step.describe()}")
+
+
+def _rollback_quietly(store: Store, net: Netlink, nic: nicmod.Nic, journal: Journal,
+                      log: HookLog, first_new: int) -> list[Record]:
+    failed = undo_records(net, journal.records[first_new:], log)
+    journal.records = journal.records[:first_new] + failed
+    if journal.records:
+        journal.state = "undo-failed"
+        store.save(journal)
+    else:
+        store.delete(journal.key)
+        store.release_tap(journal.tap, journal.key)
+    return failed
+
+
+def _rollback(store: Store, net: Netlink, nic: nicmod.Nic, journal: Journal, log: HookLog,
+              first_new: int, cause: str, step: str) -> None:
+    """Undo what this ifup applied and fail with one line."""
+    failed = _rollback_quietly(store, net, nic, journal, log, first_new)
+    if failed:
+        cause += "; rollback incomplete, kept in the journal: " + "; ".join(
+            f"{r.step} ({r.error})" for r in failed)
+    raise PlumbingError(cause, nic=nic.label(), step=step)
+
+
+def _run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
+                variables: Mapping[str, str], action: str, context: str, log: HookLog,
+                *, stop_on_failure: bool) -> list:  # type: ignore[type-arg]
+    from nichooks import custom
+
+    script_env = {**env, **variables, "ACTION": action, "NICHOOKS_CONTEXT": context}
+    return custom.run_scripts(settings.conf_dir / f"if{action}.d", tap, script_env,
+                              settings.script_timeout, log, stop_on_failure=stop_on_failure)
+
+
+# -- ifdown -----------------------------------------------------------------------------
+def down_context(arg: str | None) -> str:
+    if arg is None or arg == "":
+        return "shutdown"  # QEMU's downscript: the tap is going away with its netdev
+    if arg in GANETI_DOWN_ARGS:
+        return GANETI_DOWN_ARGS[arg]
+    if arg in DOWN_CONTEXTS:
+        return arg
+    raise InvalidInput("argument CONTEXT", f"{arg!r} is not one of: "
+                       + ", ".join((*GANETI_DOWN_ARGS, *DOWN_CONTEXTS)))
+
+
+def _find_key(env: Mapping[str, str], tap: str | None, store: Store,
+              settings: settingsmod.Settings) -> str | None:
+    raw = env.get("INTERFACE_UUID")
+    if raw:
+        key = validate.uuid("INTERFACE_UUID", raw)
+        if store.exists(key) or not tap:
+            return key
+    if tap:
+        owner = store.tap_owner(tap)
+        if owner:
+            return owner
+        from nichooks.sources.ganeti_kvm import nic_env_for_tap
+
+        found = nic_env_for_tap(settings.ganeti_run_dir, tap)
+        if found and found.get("INTERFACE_UUID"):
+            try:
+                key = check_key(found["INTERFACE_UUID"].lower())
+            except InvalidInput:
+                return None
+            return key if store.exists(key) else None
+    return None
+
+
+def ifdown(request: Request) -> list[str]:
+    """Undo a NIC from its journal. Returns warning lines (what could not be undone);
+    ifdown is best effort and does not fail for them."""
+    settings = settingsmod.load(request.env)
+    context = request.context or "shutdown"
+    interface = request.env.get("INTERFACE")
+    tap = validate.ifname("INTERFACE", interface) if interface else (
+        validate.ifname("argument TAP", request.tap) if request.tap else None)
+    if tap is None and not request.env.get("INTERFACE_UUID"):
+        raise InvalidInput("TAP", "no tap given (argument or INTERFACE) and no INTERFACE_UUID")
+    store = Store(settings.state_dir)
+    log = HookLog(verbose=request.verbose or settings.debug, tap=tap, context=context)
+    warnings: list[str] = []
+    variables: dict[str, str] = {}
+    key = _find_key(request.env, tap, store, settings)
+    net = Netlink()
+    try:
+        if key is None:
+            log.info("ifdown", result="nothing journaled")
+        else:
+            store.ensure()
+            with ExitStack() as stack:
+                lock_nic(stack, store, key, tap, settings.lock_timeout, tap or key)
+                more, variables = _undo_journal(store, net, key, log)
+                warnings += more
+    finally:
+        net.close()
+    tap = tap or variables.get("INTERFACE") or ""
+    for failure in _run_custom(settings, tap, request.env, variables, "down", context, log,
+                               stop_on_failure=False):
+        warnings.append(f"{tap}: custom script: {failure.reason}")
+    return warnings
+
+
+def _undo_journal(store: Store, net: Netlink, key: str,
+                  log: HookLog) -> tuple[list[str], dict[str, str]]:
+    """Replay one journal backwards; return (warnings, the NIC's plug-time variables
+    for the ifdown scripts)."""
+    try:
+        journal = store.load(key)
+    except CorruptJournal as exc:
+        dest = store.quarantine(key)
+        log.error("ifdown", journal=key, result="corrupt", moved_to=dest)
+        return [f"journal {key} is unreadable ({exc}); moved to {dest}, nothing undone"], {}
+    if journal is None:
+        log.info("ifdown", journal=key, result="nothing journaled")
+        return [], {}
+    log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
+    failed = undo_records(net, journal.records, log)
+    if failed:
+        journal.records, journal.state = failed, "undo-failed"
+        store.save(journal)
+        log.error("ifdown", result="incomplete", failed=len(failed))
+        return [f"{journal.tap} ({journal.key}): could not undo {r.step}: {r.error}; "
+                "kept in the journal for a later retry" for r in failed], journal.variables
+    store.delete(key)
+    store.release_tap(journal.tap, key)
+    log.info("ifdown", result="ok", records=len(journal.records))
+    return [], journal.variables
+
+
+def print_warnings(lines: list[str]) -> None:
+    for line in lines:
+        print(f"nichooks: warning: {line}", file=sys.stderr)
+
+
+__all__ = [
+    "NicHooksError",
+    "Request",
+    "build_plan",
+    "down_context",
+    "ifdown",
+    "ifup",
+    "nic_for_ifup",
+    "undo_records",
+]

@@ -1,0 +1,235 @@
+"""The write-ahead undo journal: one JSON file per NIC, plus a tap -> key index.
+
+A step's undo record is in the journal on disk before the step runs, so a crash at
+any point leaves a journal naming everything that might exist (DESIGN §2). Files are
+replaced atomically (temp file, fsync, rename); a reader sees the old or the new
+journal, never half of one.
+
+Layout under the state directory:
+  nics/<key>.json   journals, nothing else
+  taps/<tap>        the key of the journal that last claimed that tap name
+  tmp/              temp files of writes in progress (an interrupted one is removed
+                    by the next writer of the same key)
+  corrupt/          journals that could not be parsed, moved aside for an operator
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nichooks.errors import InvalidInput
+
+FORMAT = 1
+_KEY = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(-[a-z0-9]{1,16})?")
+
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+class CorruptJournal(Exception):
+    """A journal file that exists but is not one we wrote."""
+
+
+def check_key(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise InvalidInput("journal key", f"{key!r} is not a NIC UUID")
+    return key
+
+
+@dataclass
+class Record:
+    """One undo record: `kind` selects the undo function, `undo` is its plain-JSON
+    argument (what to delete or restore, by identity), `step` says what was done."""
+
+    kind: str
+    undo: dict[str, Any]
+    step: str
+    status: str = "pending"  # pending: may exist; failed: its undo failed once
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "undo": self.undo, "step": self.step,
+                               "status": self.status}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> Record:
+        if not isinstance(data, dict) or not isinstance(data.get("kind"), str) \
+                or not isinstance(data.get("undo"), dict):
+            raise CorruptJournal(f"bad record {data!r:.80}")
+        return cls(kind=data["kind"], undo=data["undo"], step=str(data.get("step", "")),
+                   status=str(data.get("status", "pending")), error=data.get("error"))
+
+
+@dataclass
+class Journal:
+    key: str
+    tap: str
+    mode: str
+    instance: str
+    link: str | None
+    ifindex: int | None
+    context: str
+    state: str = "applying"  # applying -> applied; undo-failed after a partial undo
+    created: float = field(default_factory=time.time)
+    variables: dict[str, str] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "key": self.key, "tap": self.tap, "mode": self.mode,
+            "instance": self.instance, "link": self.link, "ifindex": self.ifindex,
+            "context": self.context, "state": self.state, "created": self.created,
+            "variables": self.variables, "records": [r.to_json() for r in self.records],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Journal:
+        try:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise CorruptJournal("not a nichooks journal (format)")
+            variables = data.get("variables", {})
+            if not isinstance(variables, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
+                raise CorruptJournal("bad variables")
+            ifindex = data.get("ifindex")
+            if ifindex is not None and not isinstance(ifindex, int):
+                raise CorruptJournal("bad ifindex")
+            records = data.get("records")
+            if not isinstance(records, list):
+                raise CorruptJournal("bad records")
+            return cls(
+                key=check_key(str(data["key"])), tap=str(data["tap"]), mode=str(data["mode"]),
+                instance=str(data.get("instance", "")), link=data.get("link"),
+                ifindex=ifindex, context=str(data.get("context", "")),
+                state=str(data.get("state", "")), created=float(data.get("created", 0)),
+                variables=variables, records=[Record.from_json(r) for r in records],
+            )
+        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+            raise CorruptJournal(str(exc)) from None
+
+
+class Store:
+    """The state directory. Callers hold the NIC's lock (locks.py) around any write."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.nics = state_dir / "nics"
+        self.taps = state_dir / "taps"
+        self.tmp = state_dir / "tmp"
+        self.corrupt = state_dir / "corrupt"
+        self.locks = state_dir / "locks"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.nics, self.taps, self.tmp, self.locks):
+            try:
+                d.mkdir(mode=DIR_MODE, exist_ok=True)
+            except FileNotFoundError:
+                d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+    # -- journals ---------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.nics / f"{check_key(key)}.json"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def load(self, key: str) -> Journal | None:
+        """The journal for `key`, None if there is none; CorruptJournal if unreadable."""
+        try:
+            text = self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            journal = Journal.from_json(json.loads(text))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptJournal(f"{self.path(key)}: {exc}") from None
+        if journal.key != key:
+            raise CorruptJournal(f"{self.path(key)} holds key {journal.key}")
+        return journal
+
+    def save(self, journal: Journal) -> None:
+        self._write_atomic(self.path(journal.key),
+                           json.dumps(journal.to_json(), indent=1, sort_keys=True).encode())
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def quarantine(self, key: str) -> Path:
+        """Move an unreadable journal out of nics/ so that it no longer blocks the NIC,
+        but is kept for an operator to read."""
+        self.corrupt.mkdir(mode=DIR_MODE, exist_ok=True)
+        dest = self.corrupt / f"{key}.json.{int(time.time())}"
+        os.replace(self.path(key), dest)
+        return dest
+
+    def keys(self) -> list[str]:
+        try:
+            names = os.listdir(self.nics)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and _KEY.fullmatch(n[:-5]))
+
+    def journals(self) -> Iterator[tuple[str, Journal | None]]:
+        """Every journal; None for one that cannot be read."""
+        for key in self.keys():
+            try:
+                yield key, self.load(key)
+            except CorruptJournal:
+                yield key, None
+
+    # -- tap index --------------------------------------------------------
+    def tap_owner(self, tap: str) -> str | None:
+        try:
+            key = (self.taps / tap).read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return key if _KEY.fullmatch(key) else None
+
+    def claim_tap(self, tap: str, key: str) -> None:
+        self._write_atomic(self.taps / tap, key.encode())
+
+    def release_tap(self, tap: str, key: str) -> None:
+        """Drop the index entry only if it still names `key`: a newer plug may have
+        claimed the tap name since."""
+        if self.tap_owner(tap) == key:
+            try:
+                (self.taps / tap).unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- atomic writes ----------------------------------------------------
+    def _write_atomic(self, dest: Path, data: bytes) -> None:
+        stem = dest.name
+        for stale in self.tmp.glob(f"{stem}.*.tmp"):
+            # The caller holds this file's lock, so no live writer owns these.
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+        tmp = self.tmp / f"{stem}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+        dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -1,0 +1,1 @@
+"""The plumbing, one module per mechanism; every step there has a registered undo."""

@@ -1,0 +1,73 @@
+"""Linux bridge mode: what to check before touching anything, and the steps.
+
+Order matters (DESIGN §3): the tap's MAC is moved out of the guest's range (first
+octet fe, so the bridge never adopts a guest tap's MAC as its own), the MTU is
+copied from the bridge before enslaving (a smaller port MTU would lower the
+bridge's), VLAN entries are set while the port is still down, and only then is the
+port brought up.
+"""
+
+from __future__ import annotations
+
+from nichooks.errors import PlumbingError
+from nichooks.net_common.link import BridgeVlans, SetLink
+from nichooks.net_common.netlink import LinkState, Netlink
+from nichooks.nic import Nic
+from nichooks.plan import Plan, Step
+
+
+def describe_non_bridge(link: LinkState, net: Netlink) -> str:
+    """Say what LINK is, so the operator knows which setting is wrong."""
+    if link.slave_kind == "bond" or (link.master and _kind_of(net, link.master) == "bond"):
+        return (f"LINK {link.name} is a bond member, not a bridge: cannot plug a guest into "
+                "a bond slave; use the bridge on top of the bond")
+    if link.slave_kind == "bridge" and link.master:
+        master = net.by_index(link.master)
+        return (f"LINK {link.name} is a port of bridge {master.name if master else link.master}, "
+                "not a bridge")
+    if link.kind == "openvswitch":
+        return f"LINK {link.name} is an Open vSwitch device, not a Linux bridge: use MODE=openvswitch"
+    if link.kind is None:
+        return f"LINK {link.name} is a plain network interface, not a bridge"
+    return f"LINK {link.name} is a {link.kind} device, not a bridge"
+
+
+def _kind_of(net: Netlink, index: int) -> str | None:
+    state = net.by_index(index)
+    return state.kind if state else None
+
+
+def preflight(nic: Nic, net: Netlink) -> tuple[LinkState, LinkState]:
+    """Check everything that can be checked before a change; return (bridge, tap)."""
+    assert nic.link is not None  # nic.py requires LINK in bridged mode
+    bridge = net.find(nic.link)
+    if bridge is None:
+        raise PlumbingError(f"LINK {nic.link}: no such device", nic=nic.label(), step="preflight")
+    if bridge.kind != "bridge":
+        raise PlumbingError(describe_non_bridge(bridge, net), nic=nic.label(), step="preflight")
+    tap = net.find(nic.tap)
+    if tap is None:
+        raise PlumbingError(f"tap {nic.tap} does not exist", nic=nic.label(), step="preflight")
+    if tap.index == bridge.index or tap.kind in ("bridge", "openvswitch", "bond"):
+        raise PlumbingError(f"{nic.tap} is a {tap.kind} device, not a guest tap",
+                            nic=nic.label(), step="preflight")
+    if nic.vlan is not None and not net.bridge_vlan_filtering(bridge):
+        raise PlumbingError(
+            f"VLAN {nic.vlan.canonical()} requested but bridge {bridge.name} cannot filter VLANs "
+            f"(vlan_filtering is off; enable it with 'ip link set {bridge.name} type bridge "
+            "vlan_filtering 1' where the kernel supports it, or clear the NIC's VLAN)",
+            nic=nic.label(), step="preflight")
+    return bridge, tap
+
+
+def plan(nic: Nic, net: Netlink) -> Plan:
+    bridge, tap = preflight(nic, net)
+    steps: list[Step] = [
+        SetLink(nic.tap, "mac", "fe" + tap.mac[2:]),
+        SetLink(nic.tap, "mtu", bridge.mtu),
+        SetLink(nic.tap, "master", bridge.index, shown=bridge.name),
+    ]
+    if nic.vlan is not None:
+        steps.append(BridgeVlans(nic.tap, nic.vlan.access, nic.vlan.trunks))
+    steps.append(SetLink(nic.tap, "up", True))
+    return Plan(mode="bridged", nic_label=nic.label(), steps=steps)

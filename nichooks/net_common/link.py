@@ -1,0 +1,188 @@
+"""Steps on one link: MAC, MTU, master, up, and bridge-port VLAN entries.
+
+Undo restores the previous value only while the link is still the one we changed
+(same ifindex: a reused tap name is a new plug) and still holds the value we set
+(someone who changed it since owns it now). A vanished link counts as undone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nichooks.journal import Record
+from nichooks.net_common.netlink import GONE, LinkState, Netlink, NetlinkError
+from nichooks.plan import checks, undoes
+
+ATTRS = ("mac", "mtu", "master", "up")
+
+
+def _current(state: LinkState, attr: str) -> Any:
+    return {"mac": state.mac, "mtu": state.mtu, "master": state.master, "up": state.up}[attr]
+
+
+def _netlink_args(attr: str, value: Any) -> dict[str, Any]:
+    if attr == "mac":
+        return {"address": value}
+    if attr == "mtu":
+        return {"mtu": value}
+    if attr == "master":
+        return {"master": value or 0}
+    return {"state": "up" if value else "down"}
+
+
+@dataclass(frozen=True)
+class SetLink:
+    """Set one attribute of a link (`ifname`), remembering the old value."""
+
+    ifname: str
+    attr: str
+    value: Any
+    shown: str = ""  # how to show the value (a bridge name rather than its ifindex)
+    kind: str = "link.attr"
+
+    def describe(self) -> str:
+        shown = self.shown or str(self.value)
+        return {
+            "mac": f"set {self.ifname} MAC to {shown}",
+            "mtu": f"set {self.ifname} MTU to {shown}",
+            "master": f"attach {self.ifname} to bridge {shown}",
+            "up": f"bring {self.ifname} {'up' if self.value else 'down'}",
+        }[self.attr]
+
+    def as_data(self) -> dict[str, Any]:
+        return {"step": f"link.{self.attr}", "ifname": self.ifname,
+                "value": self.shown or self.value}
+
+    def _link(self, net: Netlink) -> LinkState:
+        state = net.find(self.ifname)
+        if state is None:
+            raise NetlinkError(19, f"{self.ifname} has disappeared")
+        return state
+
+    def prepare(self, net: Netlink) -> Record:
+        state = self._link(net)
+        return Record(kind=self.kind, step=self.describe(), undo={
+            "ifindex": state.index, "ifname": self.ifname, "attr": self.attr,
+            "old": _current(state, self.attr), "new": self.value})
+
+    def apply(self, net: Netlink) -> None:
+        net.set_link(self._link(net).index, **_netlink_args(self.attr, self.value))
+
+    def verify(self, net: Netlink) -> str | None:
+        state = net.find(self.ifname)
+        if state is None:
+            return f"{self.ifname} has disappeared"
+        now = _current(state, self.attr)
+        if now != self.value:
+            return f"{self.ifname} {self.attr} is {now!r}, expected {self.value!r}"
+        return None
+
+
+@undoes("link.attr")
+def undo_link_attr(net: Netlink, undo: dict[str, Any]) -> None:
+    state = net.by_index(undo["ifindex"])
+    if state is None:
+        return  # the link is gone, and everything we set on it with it
+    attr = undo["attr"]
+    if attr not in ATTRS:
+        raise ValueError(f"unknown link attribute {attr!r}")
+    if _current(state, attr) != undo["new"]:
+        return  # changed by someone else since: theirs now
+    old = undo["old"]
+    if attr == "master" and old and net.by_index(old) is None:
+        old = None  # the previous master is gone: detach only
+    try:
+        net.set_link(state.index, **_netlink_args(attr, old))
+    except NetlinkError as exc:
+        if exc.code not in GONE:
+            raise
+
+
+@checks("link.attr")
+def link_attr_present(net: Netlink, undo: dict[str, Any]) -> bool:
+    state = net.by_index(undo["ifindex"])
+    return state is not None and _current(state, undo["attr"]) == undo["new"]
+
+
+@dataclass(frozen=True)
+class BridgeVlans:
+    """VLAN entries of a port on a VLAN-filtering bridge: the untagged PVID and the
+    tagged trunks, replacing whatever default entries the bridge gave the port (its
+    default_pvid, VLAN 1 unless configured otherwise)."""
+
+    ifname: str
+    access: int | None
+    trunks: tuple[int, ...]
+    kind: str = "bridge.vlans"
+
+    def wanted(self) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {vid: set() for vid in self.trunks}
+        if self.access is not None:
+            out[self.access] = {"pvid", "untagged"}
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        if self.access is not None:
+            parts.append(f"vid {self.access} pvid untagged")
+        parts += [f"vid {vid} tagged" for vid in self.trunks]
+        return f"bridge vlan on {self.ifname}: " + ", ".join(parts) + "; remove the default VLAN"
+
+    def as_data(self) -> dict[str, Any]:
+        return {"step": "bridge.vlans", "ifname": self.ifname,
+                "pvid_untagged": self.access, "tagged": list(self.trunks)}
+
+    def prepare(self, net: Netlink) -> Record:
+        state = net.find(self.ifname)
+        if state is None:
+            raise NetlinkError(19, f"{self.ifname} has disappeared")
+        before = net.port_vlans(state.index)
+        return Record(kind=self.kind, step=self.describe(), undo={
+            "ifindex": state.index, "ifname": self.ifname,
+            "added": sorted(self.wanted()),
+            "removed": {str(vid): sorted(flags) for vid, flags in before.items()
+                        if vid not in self.wanted()}})
+
+    def apply(self, net: Netlink) -> None:
+        state = net.find(self.ifname)
+        if state is None:
+            raise NetlinkError(19, f"{self.ifname} has disappeared")
+        wanted = self.wanted()
+        for vid, flags in sorted(wanted.items()):
+            net.vlan_add(state.index, vid, pvid="pvid" in flags, untagged="untagged" in flags)
+        for vid in net.port_vlans(state.index):
+            if vid not in wanted:
+                net.vlan_del(state.index, vid)
+
+    def verify(self, net: Netlink) -> str | None:
+        state = net.find(self.ifname)
+        if state is None:
+            return f"{self.ifname} has disappeared"
+        have = net.port_vlans(state.index)
+        if have != self.wanted():
+            return f"{self.ifname} VLANs are {have}, expected {self.wanted()}"
+        return None
+
+
+@undoes("bridge.vlans")
+def undo_bridge_vlans(net: Netlink, undo: dict[str, Any]) -> None:
+    state = net.by_index(undo["ifindex"])
+    if state is None or state.slave_kind != "bridge":
+        return  # gone, or no longer a bridge port: its VLAN entries went with it
+    try:
+        for vid in undo["added"]:
+            net.vlan_del(state.index, int(vid))
+        for vid, flags in undo["removed"].items():
+            net.vlan_add(state.index, int(vid), pvid="pvid" in flags, untagged="untagged" in flags)
+    except NetlinkError as exc:
+        if exc.code not in GONE:
+            raise
+
+
+@checks("bridge.vlans")
+def bridge_vlans_present(net: Netlink, undo: dict[str, Any]) -> bool:
+    state = net.by_index(undo["ifindex"])
+    if state is None or state.slave_kind != "bridge":
+        return False
+    return set(undo["added"]) <= set(net.port_vlans(state.index))

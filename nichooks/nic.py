@@ -1,0 +1,207 @@
+"""The NIC: one typed, validated object built from the caller's variables.
+
+Every source (Ganeti's environment, a spec file, Ganeti's runtime files, a Xen NIC
+file) is first turned into the variables Ganeti would have exported (contract §3),
+and this module is the only place that interprets them. One parser, one set of
+error messages, whatever the caller.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from nichooks import validate
+from nichooks.errors import InvalidInput
+from nichooks.vlan import VlanSpec, parse_vlan
+
+MODES = ("bridged", "openvswitch", "routed", "ext")
+
+# Every variable Ganeti passes to a NIC script (contract §3), plus ACTION and
+# MIGRATION_PHASE from Ganeti 3.2. These, and only these, are kept for custom scripts.
+GANETI_VARS = (
+    "INSTANCE", "MAC", "MODE", "INTERFACE", "INTERFACE_INDEX", "INTERFACE_UUID",
+    "INTERFACE_NAME", "TAGS", "IP", "LINK", "VLAN", "BRIDGE",
+    "NETWORK_NAME", "NETWORK_UUID", "NETWORK_TAGS", "NETWORK_SUBNET",
+    "NETWORK_GATEWAY", "NETWORK_SUBNET6", "NETWORK_GATEWAY6", "NETWORK_MAC_PREFIX",
+    "ACTION", "MIGRATION_PHASE",
+)
+
+# A fixed namespace so a NIC without INTERFACE_UUID (plain QEMU, Xen without a NIC
+# file) gets the same journal key on every node and every run.
+KEY_NAMESPACE = uuidlib.UUID("5b0c3e1e-8c1a-4f57-9d55-6e6963686f6b")
+
+
+@dataclass(frozen=True)
+class Network:
+    """The Ganeti network the NIC is connected to (NETWORK_*), if any."""
+
+    name: str | None = None
+    uuid: str | None = None
+    tags: tuple[str, ...] = ()
+    subnet: str | None = None
+    gateway: str | None = None
+    subnet6: str | None = None
+    gateway6: str | None = None
+    mac_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class Nic:
+    instance: str
+    mac: str
+    mode: str
+    tap: str
+    uuid: str
+    uuid_derived: bool
+    index: int | None = None
+    name: str | None = None
+    ip: validate.IPAddress | None = None
+    link: str | None = None
+    vlan: VlanSpec | None = None
+    tags: tuple[str, ...] = ()
+    network: Network = field(default_factory=Network)
+    migration_phase: str | None = None
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The journal key: the NIC UUID (DESIGN §2)."""
+        return self.uuid
+
+    def label(self) -> str:
+        """How errors and logs name this NIC: instance, tap and UUID."""
+        return f"{self.instance} {self.tap} ({self.uuid})"
+
+
+def derive_uuid(instance: str, mac: str) -> str:
+    return str(uuidlib.uuid5(KEY_NAMESPACE, f"{instance}\n{mac}"))
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    """Optional variables: Ganeti exports some as empty strings (VLAN), which mean unset."""
+    value = env.get(name)
+    return value if value else None
+
+
+def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
+    """Build and validate a NIC. `tap` (argv[1]) is used only when INTERFACE is unset:
+    when INTERFACE is set it is authoritative (DESIGN §4)."""
+    mode = _get(env, "MODE")
+    if mode is None:
+        raise InvalidInput("MODE", "is not set (one of: " + ", ".join(MODES) + ")")
+    if mode not in MODES:
+        raise InvalidInput("MODE", f"{mode!r} is not one of: " + ", ".join(MODES))
+
+    interface = _get(env, "INTERFACE")
+    if interface is not None:
+        tap_name = validate.ifname("INTERFACE", interface)
+    elif tap:
+        tap_name = validate.ifname("argument TAP", tap)
+    else:
+        raise InvalidInput("INTERFACE", "is not set and no TAP argument was given")
+
+    raw_mac = _get(env, "MAC")
+    if raw_mac is None:
+        raise InvalidInput("MAC", "is not set")
+    mac = validate.mac("MAC", raw_mac)
+
+    raw_instance = _get(env, "INSTANCE")
+    instance = validate.instance("INSTANCE", raw_instance) if raw_instance else tap_name
+
+    raw_uuid = _get(env, "INTERFACE_UUID")
+    if raw_uuid is not None:
+        nic_uuid, derived = validate.uuid("INTERFACE_UUID", raw_uuid), False
+    else:
+        nic_uuid, derived = derive_uuid(raw_instance or "", mac), True
+
+    raw_index = _get(env, "INTERFACE_INDEX")
+    raw_ip = _get(env, "IP")
+    link = _get(env, "LINK")
+    bridge = _get(env, "BRIDGE")
+    if bridge is not None:
+        validate.ifname("BRIDGE", bridge)
+        if mode == "bridged" and link is None:
+            link = bridge  # Ganeti 2.4 exported BRIDGE before LINK existed
+    if link is not None:
+        if mode == "routed":
+            link = validate.table("LINK", link)
+        elif mode != "ext":
+            link = validate.ifname("LINK", link)
+    elif mode in ("bridged", "openvswitch"):
+        raise InvalidInput("LINK", f"is not set; {mode} mode needs the bridge to plug into")
+
+    vlan = parse_vlan(env.get("VLAN", ""), "VLAN")
+    if vlan is not None and mode in ("routed",):
+        raise InvalidInput("VLAN", f"{env['VLAN']!r} makes no sense in routed mode")
+
+    name = _get(env, "INTERFACE_NAME")
+    phase = _get(env, "MIGRATION_PHASE")
+    if phase is not None and phase not in ("pre", "post"):
+        raise InvalidInput("MIGRATION_PHASE", f"{phase!r} is not 'pre' or 'post'")
+    action = _get(env, "ACTION")
+    if action is not None and action not in ("up", "down"):
+        raise InvalidInput("ACTION", f"{action!r} is not 'up' or 'down'")
+
+    network = _network(env)
+    nic = Nic(
+        instance=instance,
+        mac=mac,
+        mode=mode,
+        tap=tap_name,
+        uuid=nic_uuid,
+        uuid_derived=derived,
+        index=validate.index("INTERFACE_INDEX", raw_index) if raw_index is not None else None,
+        name=validate.free_text("INTERFACE_NAME", name) if name is not None else None,
+        ip=validate.ip_address("IP", raw_ip) if raw_ip is not None else None,
+        link=link,
+        vlan=vlan,
+        tags=validate.tags("TAGS", env.get("TAGS", "")),
+        network=network,
+        migration_phase=phase,
+        variables={},
+    )
+    return _with_variables(nic, env)
+
+
+def _network(env: Mapping[str, str]) -> Network:
+    def opt(name: str) -> str | None:
+        return _get(env, name)
+
+    subnet, gateway = opt("NETWORK_SUBNET"), opt("NETWORK_GATEWAY")
+    subnet6, gateway6 = opt("NETWORK_SUBNET6"), opt("NETWORK_GATEWAY6")
+    net_uuid, prefix, name = opt("NETWORK_UUID"), opt("NETWORK_MAC_PREFIX"), opt("NETWORK_NAME")
+    if gateway is not None and validate.ip_address("NETWORK_GATEWAY", gateway).version != 4:
+        raise InvalidInput("NETWORK_GATEWAY", f"{gateway!r} is not an IPv4 address")
+    if gateway6 is not None and validate.ip_address("NETWORK_GATEWAY6", gateway6).version != 6:
+        raise InvalidInput("NETWORK_GATEWAY6", f"{gateway6!r} is not an IPv6 address")
+    return Network(
+        name=validate.free_text("NETWORK_NAME", name) if name is not None else None,
+        uuid=validate.uuid("NETWORK_UUID", net_uuid) if net_uuid is not None else None,
+        tags=validate.tags("NETWORK_TAGS", env.get("NETWORK_TAGS", "")),
+        subnet=str(validate.ip_network("NETWORK_SUBNET", subnet, 4)) if subnet else None,
+        gateway=gateway,
+        subnet6=str(validate.ip_network("NETWORK_SUBNET6", subnet6, 6)) if subnet6 else None,
+        gateway6=gateway6,
+        mac_prefix=validate.mac_prefix("NETWORK_MAC_PREFIX", prefix) if prefix else None,
+    )
+
+
+def _with_variables(nic: Nic, env: Mapping[str, str]) -> Nic:
+    """The Ganeti variables as custom scripts should see them: validated, with
+    INTERFACE naming the device we actually plug and TAGS space-separated."""
+    out = {name: env[name] for name in GANETI_VARS if name in env}
+    out["INTERFACE"] = nic.tap
+    out["MAC"] = nic.mac
+    out["MODE"] = nic.mode
+    out["INTERFACE_UUID"] = nic.uuid
+    out["INSTANCE"] = nic.instance
+    out["TAGS"] = " ".join(nic.tags)
+    if "NETWORK_TAGS" in out:
+        out["NETWORK_TAGS"] = " ".join(nic.network.tags)
+    if nic.link is not None:
+        out["LINK"] = nic.link
+    out.pop("ACTION", None)
+    object.__setattr__(nic, "variables", out)
+    return nic

@@ -1,0 +1,106 @@
+"""Settings: each from the environment first, then the settings file, then a default.
+
+DESIGN §4 fixes the names. The file is read only when it exists, with configparser
+(imported lazily: most hooks on a default install never need it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from nichooks.errors import InvalidInput
+
+DEFAULTS: dict[str, str] = {
+    "NICHOOKS_STATE_DIR": "/run/nichooks",
+    "NICHOOKS_CONF_DIR": "/etc/nichooks",
+    "GANETI_RUN_DIR": "/var/run/ganeti",
+    "NICHOOKS_OVSDB": "unix:/var/run/openvswitch/db.sock",
+    "OVS_RUNDIR": "/var/run/openvswitch",
+    "NICHOOKS_LOCK_TIMEOUT": "30",
+    "NICHOOKS_SCRIPT_TIMEOUT": "60",
+    "NICHOOKS_DEBUG": "0",
+}
+
+CONF_SECTION = "nichooks"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    conf_dir: Path
+    ganeti_run_dir: Path
+    ovsdb: str
+    ovs_rundir: Path
+    lock_timeout: float
+    script_timeout: float
+    debug: bool
+    sources: Mapping[str, str]  # setting -> "env", "file <path>" or "default"
+
+    @property
+    def nics_dir(self) -> Path:
+        return self.state_dir / "nics"
+
+    @property
+    def specs_dir(self) -> Path:
+        return self.state_dir / "specs"
+
+
+def _read_conf(path: Path) -> dict[str, str]:
+    """KEY = value lines under [nichooks]; keys as in the environment, any case."""
+    if not path.is_file():
+        return {}
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise InvalidInput(str(path), f"unreadable settings file: {exc}".splitlines()[0]) from None
+    if not parser.has_section(CONF_SECTION):
+        return {}
+    return {k.upper(): v.strip() for k, v in parser.items(CONF_SECTION)}
+
+
+def _number(name: str, text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise InvalidInput(name, f"{text!r} ({where}) is not a number of seconds in (0, 3600]")
+    return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    conf_dir = env.get("NICHOOKS_CONF_DIR") or DEFAULTS["NICHOOKS_CONF_DIR"]
+    conf_path = Path(conf_dir) / "nichooks.conf"
+    conf = _read_conf(conf_path)
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for name, default in DEFAULTS.items():
+        if env.get(name):
+            values[name], sources[name] = env[name], "env"
+        elif name != "NICHOOKS_CONF_DIR" and conf.get(name):
+            values[name], sources[name] = conf[name], f"file {conf_path}"
+        else:
+            values[name], sources[name] = default, "default"
+    for name in ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "GANETI_RUN_DIR", "OVS_RUNDIR"):
+        if not values[name].startswith("/"):
+            raise InvalidInput(name, f"{values[name]!r} is not an absolute path")
+    return Settings(
+        state_dir=Path(values["NICHOOKS_STATE_DIR"]),
+        conf_dir=Path(values["NICHOOKS_CONF_DIR"]),
+        ganeti_run_dir=Path(values["GANETI_RUN_DIR"]),
+        ovsdb=values["NICHOOKS_OVSDB"],
+        ovs_rundir=Path(values["OVS_RUNDIR"]),
+        lock_timeout=_number("NICHOOKS_LOCK_TIMEOUT", values["NICHOOKS_LOCK_TIMEOUT"],
+                             sources["NICHOOKS_LOCK_TIMEOUT"]),
+        script_timeout=_number("NICHOOKS_SCRIPT_TIMEOUT", values["NICHOOKS_SCRIPT_TIMEOUT"],
+                               sources["NICHOOKS_SCRIPT_TIMEOUT"]),
+        debug=values["NICHOOKS_DEBUG"].lower() in ("1", "yes", "true", "on"),
+        sources=sources,
+    )

@@ -1,0 +1,61 @@
+"""A host namespace with bridges and a guest namespace behind a veth "tap"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.nstools import Netns, bin_path, hook_env
+
+GUEST_MAC = "aa:00:00:11:22:33"
+
+
+@dataclass
+class Site:
+    host: Netns
+    guest: Netns
+    state: Path
+    conf: Path
+    nic_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def add_bridge(self, name: str, mtu: int = 1500, addr: str | None = None) -> None:
+        self.host.ip("link", "add", name, "mtu", str(mtu), "type", "bridge")
+        if addr:
+            self.host.ip("addr", "add", addr, "dev", name)
+        self.host.ip("link", "set", name, "up")
+
+    def add_tap(self, tap: str = "tap0", guest_if: str = "eth0",
+                guest_addr: str | None = "192.0.2.2/24") -> None:
+        """A veth pair: `tap` stays on the host and plays the guest's tap, the other
+        end is the guest's NIC in the guest namespace."""
+        self.host.ip("link", "add", tap, "type", "veth", "peer", "name", guest_if,
+                     "netns", self.guest.name)
+        self.guest.ip("link", "set", guest_if, "address", GUEST_MAC)
+        if guest_addr:
+            self.guest.ip("addr", "add", guest_addr, "dev", guest_if)
+        self.guest.ip("link", "set", guest_if, "up")
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        nic = {"INSTANCE": "inst1.example.org", "MAC": GUEST_MAC, "MODE": "bridged",
+               "LINK": "br0", "VLAN": "", "INTERFACE": "tap0", "INTERFACE_INDEX": "0",
+               "INTERFACE_UUID": self.nic_uuid, "TAGS": "web prod"}
+        nic.update(overrides)
+        return hook_env(self.state, self.conf, **{k: v for k, v in nic.items() if v is not None})
+
+    def hook(self, name: str, *args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+        return self.host.run(bin_path(name), *args, env=env if env is not None else self.env(),
+                             check=False)
+
+    def journals(self) -> list[dict[str, object]]:
+        nics = self.state / "nics"
+        if not nics.exists():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(nics.glob("*.json"))]
+
+    def tap_index(self) -> list[str]:
+        taps = self.state / "taps"
+        return sorted(p.name for p in taps.iterdir()) if taps.exists() else []

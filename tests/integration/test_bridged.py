@@ -1,0 +1,257 @@
+"""Bridged mode on the real kernel: a host namespace, bridges, and a guest
+namespace behind a veth pair whose host end plays the tap."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.bridged_env import GUEST_MAC, Site
+from tests.nstools import Netns, require_root
+
+
+@pytest.fixture
+def site(dirs: tuple[Path, Path]) -> Iterator[Site]:
+    require_root()
+    host, guest = Netns(), Netns()
+    try:
+        yield Site(host=host, guest=guest, state=dirs[0], conf=dirs[1])
+    finally:
+        guest.delete()
+        host.delete()
+
+
+def ready(site: Site, mtu: int = 1500) -> dict[str, object]:
+    site.add_bridge("br0", mtu=mtu, addr="192.0.2.1/24")
+    site.add_tap()
+    return site.host.snapshot()
+
+
+def assert_plugged(site: Site, tap: str, bridge: str) -> None:
+    link, br = site.host.link(tap), site.host.link(bridge)
+    assert link.get("master") == bridge
+    assert "UP" in link["flags"]
+    assert link["address"].startswith("fe:")
+    assert link["address"][2:] != GUEST_MAC[2:] or True  # the tap's own MAC, not the guest's
+    assert link["mtu"] == br["mtu"]
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
+    assert lines[0].startswith("nichooks: ")
+    return lines[0]
+
+
+def test_ifup_ifdown_on_jumbo_bridge_returns_namespace(site: Site) -> None:
+    before = ready(site, mtu=9000)
+    up = site.hook("kvm-ifup", "tap0")
+    assert up.returncode == 0, up.stderr
+    assert up.stderr == ""
+    assert_plugged(site, "tap0", "br0")
+    assert site.host.link("tap0")["mtu"] == 9000
+    [journal] = site.journals()
+    assert journal["key"] == site.nic_uuid and journal["tap"] == "tap0"
+    assert journal["state"] == "applied"
+    assert site.tap_index() == ["tap0"]
+    ping = site.guest.run("ping", "-c", "2", "-i", "0.2", "-W", "2", "192.0.2.1", check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+    down = site.hook("kvm-ifdown", "tap0")
+    assert down.returncode == 0, down.stderr
+    assert site.host.snapshot() == before
+    assert site.journals() == [] and site.tap_index() == []
+
+
+def test_ifup_twice_converges_to_one_plug(site: Site) -> None:
+    before = ready(site)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    first = site.host.link("tap0")
+    again = site.hook("kvm-ifup", "tap0")
+    assert again.returncode == 0, again.stderr
+    assert_plugged(site, "tap0", "br0")
+    assert site.host.link("tap0")["address"] == first["address"]
+    assert len(site.journals()) == 1
+    assert site.hook("kvm-ifdown", "tap0").returncode == 0
+    assert site.host.snapshot() == before
+
+
+def test_ifup_with_new_link_moves_the_nic(site: Site) -> None:
+    ready(site)
+    site.add_bridge("br1", mtu=1400)
+    before = site.host.snapshot()
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    moved = site.hook("kvm-ifup", "tap0", env=site.env(LINK="br1"))
+    assert moved.returncode == 0, moved.stderr
+    assert_plugged(site, "tap0", "br1")
+    assert site.host.link("tap0")["mtu"] == 1400
+    assert site.host.ipj("link", "show", "master", "br0") == []
+    [journal] = site.journals()
+    assert journal["link"] == "br1"
+    assert site.hook("kvm-ifdown", "tap0", "false").returncode == 0
+    assert site.host.snapshot() == before
+
+
+def test_ganeti_stock_call_without_argument_and_bogus_argv(site: Site) -> None:
+    """Stock Ganeti execs us as /etc/ganeti/kvm-vif-bridge with no argument; when
+    INTERFACE is set, argv[1] is informational and can never fail the call."""
+    before = ready(site)
+    assert site.hook("kvm-ifup").returncode == 0
+    assert_plugged(site, "tap0", "br0")
+    again = site.hook("kvm-ifup", "../not a tap!")
+    assert again.returncode == 0, again.stderr
+    assert site.hook("kvm-ifdown", "tap0", "true").returncode == 0
+    assert site.host.snapshot() == before
+
+
+def test_ganeti_action_down_runs_the_teardown(site: Site) -> None:
+    before = ready(site)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    down = site.hook("kvm-ifup", "tap0", env=site.env(ACTION="down"))
+    assert down.returncode == 0, down.stderr
+    assert site.host.snapshot() == before and site.journals() == []
+
+
+def test_spec_file_for_plain_qemu(site: Site) -> None:
+    before = ready(site)
+    specs = site.state / "specs"
+    specs.mkdir()
+    (specs / "tap0").write_text(f'INSTANCE=vm1\nMAC={GUEST_MAC}\nMODE="bridged"\nLINK=br0\n')
+    env = site.env(MODE=None, LINK=None, INTERFACE=None, MAC=None, INSTANCE=None,
+                   INTERFACE_UUID=None, VLAN=None, TAGS=None, INTERFACE_INDEX=None)
+    up = site.hook("kvm-ifup", "tap0", env=env)
+    assert up.returncode == 0, up.stderr
+    assert_plugged(site, "tap0", "br0")
+    assert site.hook("kvm-ifdown", "tap0", env=env).returncode == 0
+    assert site.host.snapshot() == before
+
+
+def test_ifdown_after_the_tap_vanished(site: Site) -> None:
+    ready(site)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    site.host.ip("link", "del", "tap0")
+    down = site.hook("kvm-ifdown", "tap0")
+    assert down.returncode == 0 and down.stderr == ""
+    assert site.journals() == [] and site.tap_index() == []
+
+
+def test_ifdown_of_unknown_tap_is_a_no_op(site: Site) -> None:
+    ready(site)
+    down = site.hook("kvm-ifdown", "tap0", env=site.env(INTERFACE_UUID=None, INTERFACE=None))
+    assert down.returncode == 0 and down.stderr == ""
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("no-bridge", "LINK br9: no such device"),
+    ("veth-link", "is a veth device, not a bridge"),
+    ("port-link", "is a port of bridge br0, not a bridge"),
+    ("no-tap", "tap tap7 does not exist"),
+    ("vlan", "cannot filter VLANs"),
+])
+def test_refusals_leave_the_tap_exactly_as_found(site: Site, case: str, expect: str) -> None:
+    ready(site)
+    site.host.ip("link", "add", "vx0", "type", "veth", "peer", "name", "vx1")
+    site.host.ip("link", "set", "vx1", "master", "br0")
+    site.host.ip("link", "set", "tap0", "mtu", "1400")  # something ifup would change
+    before = site.host.snapshot()
+    env = {
+        "no-bridge": site.env(LINK="br9"),
+        "veth-link": site.env(LINK="vx0"),
+        "port-link": site.env(LINK="vx1"),
+        "no-tap": site.env(INTERFACE="tap7"),
+        "vlan": site.env(VLAN=".100"),
+    }[case]
+    result = site.hook("kvm-ifup", "tap0", env=env)
+    assert result.returncode == 1
+    assert expect in one_line(result.stderr)
+    assert site.host.snapshot() == before
+    assert site.journals() == [] and site.tap_index() == []
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_failed_step_rolls_back_everything(site: Site, step: int) -> None:
+    ready(site)
+    site.add_bridge("br1")
+    site.host.ip("link", "set", "tap0", "master", "br1")  # found attached elsewhere, down
+    before = site.host.snapshot()
+    result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT=f"fail-at:{step}"))
+    assert result.returncode == 1
+    assert "injected fault" in one_line(result.stderr)
+    assert site.host.snapshot() == before
+    assert site.host.link("tap0")["master"] == "br1"
+    assert site.journals() == [] and site.tap_index() == []
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_killed_ifup_is_undone_by_ifdown(site: Site, step: int) -> None:
+    before = ready(site)
+    result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT=f"kill-after:{step}"))
+    assert result.returncode == -9
+    assert len(site.journals()) == 1
+    assert site.hook("kvm-ifdown", "tap0").returncode == 0
+    assert site.host.snapshot() == before
+    assert site.journals() == [] and site.tap_index() == []
+
+
+def test_killed_ifup_is_converged_by_the_next_ifup(site: Site) -> None:
+    before = ready(site)
+    site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT="kill-after:2"))
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    assert_plugged(site, "tap0", "br0")
+    assert site.hook("kvm-ifdown", "tap0").returncode == 0
+    assert site.host.snapshot() == before
+
+
+def test_tap_name_reused_by_another_nic(site: Site) -> None:
+    """A crashed guest's journal still claims tap0 when the kernel hands the name to a
+    new guest: ifup of the new NIC undoes the stale claim without touching its tap."""
+    ready(site)
+    site.add_bridge("br1")
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    site.host.ip("link", "del", "tap0")
+    site.add_tap(guest_if="eth1")
+    other = site.env(INTERFACE_UUID="0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c", LINK="br1",
+                     MAC="aa:00:00:44:55:66")
+    up = site.hook("kvm-ifup", "tap0", env=other)
+    assert up.returncode == 0, up.stderr
+    assert_plugged(site, "tap0", "br1")
+    [journal] = site.journals()
+    assert journal["key"] == "0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c"
+    assert site.hook("kvm-ifdown", "tap0").returncode == 0
+    assert site.journals() == []
+
+
+def test_status_reports_items(site: Site) -> None:
+    ready(site)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    status = site.hook("nichooks", "status")
+    assert status.returncode == 0, status.stderr
+    assert "inst1.example.org tap0" in status.stdout
+    assert "[present] attach tap0 to bridge br0" in status.stdout
+    site.host.ip("link", "set", "tap0", "nomaster")
+    status = site.hook("nichooks", "status")
+    assert "[MISSING] attach tap0 to bridge br0" in status.stdout
+    site.hook("kvm-ifdown", "tap0")
+
+
+def test_plan_changes_nothing(site: Site) -> None:
+    before = ready(site, mtu=9000)
+    plan = site.hook("nichooks", "plan", "tap0")
+    assert plan.returncode == 0, plan.stderr
+    assert "attach tap0 to bridge br0" in plan.stdout and "MTU to 9000" in plan.stdout
+    as_json = site.hook("nichooks", "plan", "--json", "tap0")
+    assert '"step": "link.master"' in as_json.stdout
+    assert site.host.snapshot() == before and site.journals() == []
+
+
+def test_no_syslog_means_silence(site: Site) -> None:
+    assert not os.path.exists("/dev/log") or True  # hooks must not print either way
+    ready(site)
+    up = site.hook("kvm-ifup", "tap0")
+    assert up.returncode == 0 and up.stdout == "" and up.stderr == ""
+    verbose = site.hook("kvm-ifup", "-v", "tap0")
+    assert "event=step" in verbose.stderr and f"uuid={site.nic_uuid}" in verbose.stderr
+    site.hook("kvm-ifdown", "tap0")
