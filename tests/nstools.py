@@ -84,15 +84,26 @@ class Netns:
                 "kind": link.get("linkinfo", {}).get("info_kind"),
             })
         snap: dict[str, Any] = {"links": sorted(links, key=lambda x: x["ifname"])}
+        # IPv6 link-local addresses and their routes, and route "linkdown" flags, follow
+        # a link's carrier, which the kernel updates asynchronously (a bridge gains it
+        # with its first running port): kernel-derived, never made by a hook.
         snap["addrs"] = sorted(
             (a["ifname"], i["local"], i["prefixlen"])
-            for a in self.ipj("addr", "show") for i in a.get("addr_info", []))
+            for a in self.ipj("addr", "show") for i in a.get("addr_info", [])
+            if not (i.get("family") == "inet6" and i.get("scope") == "link"))
         for fam in ("-4", "-6"):
             snap[f"rules{fam}"] = self.ipj(fam, "rule", "show")
-            snap[f"routes{fam}"] = sorted(
-                json.dumps(r, sort_keys=True) for r in self.ipj(fam, "route", "show", "table", "all"))
+            routes = []
+            for r in self.ipj(fam, "route", "show", "table", "all"):
+                if r.get("dst", "").startswith("fe80:") or r.get("dst") == "ff00::/8":
+                    continue
+                r.pop("flags", None)
+                routes.append(json.dumps(r, sort_keys=True))
+            snap[f"routes{fam}"] = sorted(routes)
             snap[f"proxy{fam}"] = self.ip(fam, "neigh", "show", "proxy")
-        snap["bridge_vlans"] = self.ipj("-d", "link", "show", "type", "bridge")
+        out = subprocess.run(["bridge", "-j", "-n", self.name, "vlan", "show"],
+                             capture_output=True, text=True).stdout
+        snap["bridge_vlans"] = json.loads(out) if out.strip() else []
         return snap
 
 

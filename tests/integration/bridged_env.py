@@ -20,9 +20,17 @@ class Site:
     state: Path
     conf: Path
     nic_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    bridges: list[str] = field(default_factory=list)
 
     def add_bridge(self, name: str, mtu: int = 1500, addr: str | None = None) -> None:
-        self.host.ip("link", "add", name, "mtu", str(mtu), "type", "bridge")
+        self.host.ip("link", "add", name, "type", "bridge")
+        # Set after creation, as an operator would: only then does the kernel keep it
+        # (an MTU given at creation is auto-adjusted back to 1500 when ports leave).
+        self.host.ip("link", "set", name, "mtu", str(mtu))
+        # Likewise a fixed MAC, as a bridge with an uplink has: one without takes the
+        # lowest port MAC and falls back to all zeros when the last port leaves.
+        self.host.ip("link", "set", name, "address", f"02:00:00:00:00:{len(self.bridges) + 1:02x}")
+        self.bridges.append(name)
         if addr:
             self.host.ip("addr", "add", addr, "dev", name)
         self.host.ip("link", "set", name, "up")
