@@ -255,3 +255,81 @@ def test_no_syslog_means_silence(site: Site) -> None:
     verbose = site.hook("kvm-ifup", "-v", "tap0")
     assert "event=step" in verbose.stderr and f"uuid={site.nic_uuid}" in verbose.stderr
     site.hook("kvm-ifdown", "tap0")
+
+
+def write_script(site: Site, phase: str, name: str, body: str, mode: int = 0o755) -> Path:
+    directory = site.conf / f"if{phase}.d"
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o755)
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_custom_scripts_get_the_nic_and_context(site: Site) -> None:
+    before = ready(site)
+    seen = site.state / "seen"
+    body = f'echo "$ACTION $NICHOOKS_CONTEXT $1 $INTERFACE $MODE $LINK $INSTANCE [$TAGS]" >> {seen}'
+    write_script(site, "up", "10-record", body)
+    write_script(site, "down", "10-record", body)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    # QEMU's downscript passes no environment: the scripts still see the NIC's variables
+    bare = site.env(INSTANCE=None, MAC=None, MODE=None, LINK=None, INTERFACE=None,
+                    INTERFACE_UUID=None, TAGS=None, VLAN=None, INTERFACE_INDEX=None)
+    assert site.hook("kvm-ifdown", "tap0", "hot-unplug", env=bare).returncode == 0
+    assert seen.read_text().splitlines() == [
+        "up start tap0 tap0 bridged br0 inst1.example.org [web prod]",
+        "down hot-unplug tap0 tap0 bridged br0 inst1.example.org [web prod]",
+    ]
+    assert site.host.snapshot() == before
+
+
+def test_failing_ifup_script_rolls_back(site: Site) -> None:
+    before = ready(site)
+    write_script(site, "up", "50-fail", "echo 'firewall not ready' >&2; exit 4")
+    result = site.hook("kvm-ifup", "tap0")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "50-fail exited with status 4: firewall not ready" in line
+    assert site.host.snapshot() == before and site.journals() == []
+
+
+def test_unsafe_ifup_script_is_refused_and_rolls_back(site: Site) -> None:
+    before = ready(site)
+    path = write_script(site, "up", "10-x", "true")
+    os.chown(path, 65534, 65534)
+    result = site.hook("kvm-ifup", "tap0")
+    assert result.returncode == 1
+    assert "owned by uid 65534, not root" in one_line(result.stderr)
+    assert site.host.snapshot() == before and site.journals() == []
+
+
+def test_failing_ifdown_script_is_reported_not_fatal(site: Site) -> None:
+    before = ready(site)
+    write_script(site, "down", "10-fail", "exit 9")
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    result = site.hook("kvm-ifdown", "tap0")
+    assert result.returncode == 0
+    assert "10-fail exited with status 9" in result.stderr
+    assert site.host.snapshot() == before and site.journals() == []
+
+
+@pytest.mark.parametrize("overrides,variable", [
+    ({"MAC": "zz"}, "MAC"), ({"INTERFACE": "a/b"}, "INTERFACE"), ({"VLAN": ".0"}, "VLAN"),
+    ({"MODE": "bogus"}, "MODE"), ({"INTERFACE_UUID": "1; reboot"}, "INTERFACE_UUID"),
+])
+def test_invalid_input_exits_2_and_changes_nothing(site: Site, overrides: dict[str, str],
+                                                   variable: str) -> None:
+    before = ready(site)
+    result = site.hook("kvm-ifup", "tap0", env=site.env(**overrides))
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"nichooks: {variable}: ")
+    assert site.host.snapshot() == before
+    assert not (site.state / "nics").exists() or site.journals() == []
+
+
+def test_bad_ifdown_context_is_invalid(site: Site) -> None:
+    ready(site)
+    result = site.hook("kvm-ifdown", "tap0", "sideways")
+    assert result.returncode == 2 and "CONTEXT" in one_line(result.stderr)
