@@ -35,7 +35,7 @@ class Netns:
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         return self
 
     def __exit__(self, *exc: object) -> None:

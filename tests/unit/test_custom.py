@@ -46,12 +46,19 @@ def test_name_order_and_skipped_names(updir: Path) -> None:
 def test_environment_and_argument(updir: Path, tmp_path: Path) -> None:
     needs_root()
     out = tmp_path / "out"
-    script(updir, "10-env", f'echo "$1 $ACTION $NICHOOKS_CONTEXT $MODE" > {out}; ls -l /proc/self/fd | wc -l >> {out}')
-    failures = run_scripts(updir, "tap0", {"ACTION": "up", "NICHOOKS_CONTEXT": "start", "MODE": "bridged",
-                                           "PATH": "/usr/bin:/bin"}, 10, HookLog(), stop_on_failure=True)
+    # An inheritable descriptor, like the tap fd QEMU hands its script: it must not
+    # reach the custom script, or the tap would outlive the guest.
+    leaked = os.open(tmp_path, os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    try:
+        script(updir, "10-env", f'echo "$1 $ACTION $NICHOOKS_CONTEXT $MODE" > {out}\n'
+                                f'[ -e /proc/self/fd/{leaked} ] && echo "fd {leaked} leaked" >> {out}\ntrue')
+        env = {"ACTION": "up", "NICHOOKS_CONTEXT": "start", "MODE": "bridged", "PATH": "/usr/bin:/bin"}
+        failures = run_scripts(updir, "tap0", env, 10, HookLog(), stop_on_failure=True)
+    finally:
+        os.close(leaked)
     assert failures == []
-    first, fds = out.read_text().splitlines()
-    assert first == "tap0 up start bridged"
+    assert out.read_text().splitlines() == ["tap0 up start bridged"]
 
 
 def test_failure_is_reported_with_its_last_line(updir: Path) -> None:
