@@ -333,3 +333,23 @@ def test_bad_ifdown_context_is_invalid(site: Site) -> None:
     ready(site)
     result = site.hook("kvm-ifdown", "tap0", "sideways")
     assert result.returncode == 2 and "CONTEXT" in one_line(result.stderr)
+
+
+def test_lock_held_by_another_call_times_out_cleanly(site: Site) -> None:
+    from filelock import FileLock
+
+    before = ready(site)
+    locks = site.state / "locks"
+    locks.mkdir(parents=True)
+    holder = FileLock(str(locks / f"nic-{site.nic_uuid}.lock"))
+    holder.acquire()
+    try:
+        result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_LOCK_TIMEOUT="0.5"))
+    finally:
+        holder.release()
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert f"nic-{site.nic_uuid}" in line and "more than 0.5s" in line and "nothing was changed" in line
+    assert site.host.snapshot() == before
+    assert site.hook("kvm-ifup", "tap0").returncode == 0  # free again: it works
+    site.hook("kvm-ifdown", "tap0")
