@@ -199,8 +199,11 @@ def ifup(request: Request) -> None:
     try:
         with ExitStack() as stack:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
+            # Preflight before converging: a refused ifup must leave an earlier plug
+            # of the NIC (hot-modify to a bad LINK) exactly as it was.
+            build_plan(nic, net)
             carried = _converge(store, net, nic, log)
-            plan = build_plan(nic, net)
+            plan = build_plan(nic, net)  # again: converging may have changed the tap
             tap_state = net.find(nic.tap)
             journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
                               link=nic.link, ifindex=tap_state.index if tap_state else None,

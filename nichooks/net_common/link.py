@@ -21,6 +21,14 @@ def _current(state: LinkState, attr: str) -> Any:
     return {"mac": state.mac, "mtu": state.mtu, "master": state.master, "up": state.up}[attr]
 
 
+def require_link(net: Netlink, ifname: str) -> LinkState:
+    """The link by name, or the error a step reports when its device vanished under it."""
+    state = net.find(ifname)
+    if state is None:
+        raise NetlinkError(19, f"{ifname} has disappeared")
+    return state
+
+
 def _netlink_args(attr: str, value: Any) -> dict[str, Any]:
     if attr == "mac":
         return {"address": value}
@@ -54,20 +62,14 @@ class SetLink:
         return {"step": f"link.{self.attr}", "ifname": self.ifname,
                 "value": self.shown or self.value}
 
-    def _link(self, net: Netlink) -> LinkState:
-        state = net.find(self.ifname)
-        if state is None:
-            raise NetlinkError(19, f"{self.ifname} has disappeared")
-        return state
-
     def prepare(self, net: Netlink) -> Record:
-        state = self._link(net)
+        state = require_link(net, self.ifname)
         return Record(kind=self.kind, step=self.describe(), undo={
             "ifindex": state.index, "ifname": self.ifname, "attr": self.attr,
             "old": _current(state, self.attr), "new": self.value})
 
     def apply(self, net: Netlink) -> None:
-        net.set_link(self._link(net).index, **_netlink_args(self.attr, self.value))
+        net.set_link(require_link(net, self.ifname).index, **_netlink_args(self.attr, self.value))
 
     def verify(self, net: Netlink) -> str | None:
         state = net.find(self.ifname)
@@ -134,9 +136,7 @@ class BridgeVlans:
                 "pvid_untagged": self.access, "tagged": list(self.trunks)}
 
     def prepare(self, net: Netlink) -> Record:
-        state = net.find(self.ifname)
-        if state is None:
-            raise NetlinkError(19, f"{self.ifname} has disappeared")
+        state = require_link(net, self.ifname)
         before = net.port_vlans(state.index)
         return Record(kind=self.kind, step=self.describe(), undo={
             "ifindex": state.index, "ifname": self.ifname,
@@ -145,9 +145,7 @@ class BridgeVlans:
                         if vid not in self.wanted()}})
 
     def apply(self, net: Netlink) -> None:
-        state = net.find(self.ifname)
-        if state is None:
-            raise NetlinkError(19, f"{self.ifname} has disappeared")
+        state = require_link(net, self.ifname)
         wanted = self.wanted()
         for vid, flags in sorted(wanted.items()):
             net.vlan_add(state.index, vid, pvid="pvid" in flags, untagged="untagged" in flags)

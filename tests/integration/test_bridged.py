@@ -353,3 +353,16 @@ def test_lock_held_by_another_call_times_out_cleanly(site: Site) -> None:
     assert site.host.snapshot() == before
     assert site.hook("kvm-ifup", "tap0").returncode == 0  # free again: it works
     site.hook("kvm-ifdown", "tap0")
+
+
+def test_refused_ifup_keeps_the_earlier_plug(site: Site) -> None:
+    """A hot-modify to a LINK that does not exist is refused before the old plug is
+    undone: the NIC stays where it was, with its journal."""
+    ready(site)
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    plugged = site.host.snapshot()
+    journal = site.journals()
+    result = site.hook("kvm-ifup", "tap0", env=site.env(LINK="br9"))
+    assert result.returncode == 1 and "br9: no such device" in one_line(result.stderr)
+    assert site.host.snapshot() == plugged and site.journals() == journal
+    site.hook("kvm-ifdown", "tap0")
