@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nstools import Netns, list_netns, require_root, root_links
+from tests.nstools import CREATED, Netns, list_netns, require_root, root_links
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,10 +18,10 @@ def root_namespace_untouched() -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
-    before_links, before_ns = root_links(), list_netns()
+    before_links = root_links()
     yield
     assert root_links() == before_links, "the root network namespace was changed"
-    leaked = {n for n in list_netns() - before_ns if n.startswith("nht-")}
+    leaked = CREATED & list_netns()
     assert not leaked, f"namespaces left behind: {sorted(leaked)}"
 
 

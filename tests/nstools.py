@@ -17,6 +17,9 @@ from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
 PREFIX = "nht-"
+# Every namespace this test process made: the session guard checks these are gone
+# (not "no nht-* exists", which another test run on the same machine could break).
+CREATED: set[str] = set()
 
 
 def bin_path(name: str) -> str:
@@ -30,6 +33,7 @@ class Netns:
     def __init__(self, name: str | None = None) -> None:
         self.name = name or PREFIX + secrets.token_hex(4)
         subprocess.run(["ip", "netns", "add", self.name], check=True)
+        CREATED.add(self.name)
         self.ip("link", "set", "lo", "up")
 
     def delete(self) -> None:
@@ -63,7 +67,8 @@ class Netns:
         """One link as `ip -j -d link show` reports it; AssertionError if absent."""
         found = self.ipj("-d", "link", "show", "dev", name)
         assert found, f"{name} not found in {self.name}"
-        return found[0]
+        link: dict[str, Any] = found[0]
+        return link
 
     def has_link(self, name: str) -> bool:
         return any(link["ifname"] == name for link in self.ipj("link", "show"))
