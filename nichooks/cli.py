@@ -16,21 +16,23 @@ from nichooks.errors import EXIT_OK, EXIT_PLUMBING
 def _plan(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
     from nichooks.hooks import build_plan, nic_for_ifup
-    from nichooks.net_common.netlink import Netlink
+    from nichooks.net_common.netlink import Routing as Netlink
 
     env = os.environ
     settings = settingsmod.load(env)
     nic = nic_for_ifup(env, args.tap, settings)
     net = Netlink()
     try:
-        plan = build_plan(nic, net)
+        plan = build_plan(nic, net, settings)
     finally:
         net.close()
     if args.json:
         print(json.dumps({"nic": {"instance": nic.instance, "uuid": nic.uuid, "tap": nic.tap,
                                   "mode": nic.mode, "link": nic.link, "mac": nic.mac,
                                   "vlan": nic.vlan.canonical() if nic.vlan else None},
-                          "steps": plan.as_data(), "notes": plan.notes}, indent=2))
+                          "steps": plan.as_data(), "notes": plan.notes,
+                          "announce": [{"dev": d, "addr": a} for d, a in plan.announcements],
+                          "deferred": plan.deferred}, indent=2))
     else:
         print(plan.text())
     return EXIT_OK
@@ -83,6 +85,13 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _announce(args: argparse.Namespace) -> int:
+    from nichooks.hooks import Request, announce_now
+
+    announce_now(Request(env=os.environ, tap=args.tap, verbose=args.verbose))
+    return EXIT_OK
+
+
 def _try(args: argparse.Namespace) -> int:
     from nichooks.demo import run_demo
 
@@ -101,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="journaled NICs and whether each item is still in place")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("announce", help="routed NIC on a migration target after switchover: "
+                       "add the held-back uplink proxy entries and announce the addresses")
+    p.add_argument("tap")
+    p.set_defaults(fn=_announce)
     p = sub.add_parser("try", help="a self-contained demo in throwaway network namespaces")
     p.add_argument("--no-pause", action="store_true", help="(kept for scripts; the demo never waits)")
     p.set_defaults(fn=_try)

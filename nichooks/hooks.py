@@ -20,7 +20,8 @@ from nichooks.errors import InvalidInput, NicHooksError, PlumbingError
 from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
 from nichooks.locks import acquire, lock_names
 from nichooks.log import HookLog
-from nichooks.net_common.netlink import Netlink, NetlinkError
+from nichooks.net_common.netlink import NetlinkError
+from nichooks.net_common.netlink import Routing as Netlink
 from nichooks.plan import UNDO, Plan, load_backends
 
 UP_CONTEXTS = ("start", "migrate", "hot-add")
@@ -68,12 +69,16 @@ def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
     return nicmod.from_variables(variables, tap=tap)
 
 
-def build_plan(nic: nicmod.Nic, net: Netlink) -> Plan:
+def build_plan(nic: nicmod.Nic, net: Netlink, settings: settingsmod.Settings) -> Plan:
     """Preflight and plan for the NIC's mode; raises before anything is changed."""
     if nic.mode == "bridged":
         from nichooks.net_common import bridge
 
         return bridge.plan(nic, net)
+    if nic.mode == "routed":
+        from nichooks.net_common import routed
+
+        return routed.plan(nic, net, settings)
     if nic.mode == "ext":
         # Ganeti 3.2's `ext` mode: the administrator's scripts do all the work.
         return Plan(mode="ext", nic_label=nic.label(),
@@ -201,19 +206,20 @@ def ifup(request: Request) -> None:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
             # Preflight before converging: a refused ifup must leave an earlier plug
             # of the NIC (hot-modify to a bad LINK) exactly as it was.
-            build_plan(nic, net)
+            build_plan(nic, net, settings)
             carried = _converge(store, net, nic, log)
-            plan = build_plan(nic, net)  # again: converging may have changed the tap
+            plan = build_plan(nic, net, settings)  # again: converging may have changed the tap
             tap_state = net.find(nic.tap)
             journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
                               link=nic.link, ifindex=tap_state.index if tap_state else None,
                               context=context, variables=dict(nic.variables),
-                              records=list(carried))
+                              records=list(carried), deferred=list(plan.deferred))
             store.save(journal)
             store.claim_tap(nic.tap, nic.key)
             _apply(store, net, nic, plan, journal, log, len(carried),
                    fault=request.env.get("NICHOOKS_TEST_FAULT", ""))
             _verify(store, net, nic, plan, journal, log, len(carried))
+            announce(plan.announcements, log)
             failures = _run_custom(settings, nic.tap, request.env, nic.variables, "up",
                                    context, log, stop_on_failure=True)
             if failures:
@@ -298,6 +304,64 @@ def _run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str]
     script_env = {**env, **variables, "ACTION": action, "NICHOOKS_CONTEXT": context}
     return custom.run_scripts(settings.conf_dir / f"if{action}.d", tap, script_env,
                               settings.script_timeout, log, stop_on_failure=stop_on_failure)
+
+
+def announce(announcements: list[tuple[str, str]], log: HookLog) -> None:
+    """Tell upstream where the guest is now. Best effort: a plug that works is not rolled
+    back because one announcement could not be sent (the router will ARP anyway)."""
+    if not announcements:
+        return
+    from nichooks.net_common.announce import gratuitous_arp, unsolicited_na
+
+    for dev, addr in announcements:
+        try:
+            (unsolicited_na if ":" in addr else gratuitous_arp)(dev, addr)
+        except (OSError, NicHooksError) as exc:
+            log.error("announce", dev=dev, addr=addr, result="failed", cause=_cause(exc))
+        else:
+            log.info("announce", dev=dev, addr=addr, result="ok")
+
+
+def announce_now(request: Request) -> None:
+    """`nichooks announce TAP`: after switchover on a migration target, add the uplink
+    proxy entries ifup held back and announce every address of the NIC."""
+    from nichooks.net_common import routed
+
+    settings = settingsmod.load(request.env)
+    tap = validate.ifname("argument TAP", request.tap or request.env.get("INTERFACE", ""))
+    store = Store(settings.state_dir)
+    key = store.tap_owner(tap)
+    if key is None:
+        raise PlumbingError(f"no NIC is journaled on tap {tap}", nic=tap, step="announce")
+    log = HookLog(verbose=request.verbose or settings.debug, tap=tap, context="announce")
+    net = Netlink()
+    try:
+        with ExitStack() as stack:
+            lock_nic(stack, store, key, tap, settings.lock_timeout, tap)
+            try:
+                journal = store.load(key)
+            except CorruptJournal as exc:
+                raise PlumbingError(f"journal {key} is unreadable: {exc}", nic=tap) from None
+            if journal is None or journal.mode != "routed":
+                raise PlumbingError("not a routed NIC journaled by nichooks", nic=tap, step="announce")
+            steps = routed.deferred_steps(journal.deferred, settings.route_proto)
+            label = f"{journal.instance} {tap} ({key})"
+            for step in steps:
+                try:
+                    record = step.prepare(net)
+                    journal.records.append(record)
+                    store.save(journal)
+                    step.apply(net)
+                except Exception as exc:
+                    raise PlumbingError(_cause(exc), nic=label, step=step.describe()) from None
+            pending = {(d["dev"], d["addr"]) for d in journal.deferred}
+            journal.deferred = []
+            store.save(journal)
+            uplinks = [(r.undo["dev"], r.undo["addr"]) for r in journal.records
+                       if r.kind == "route.proxy" and r.undo["ifindex"] != journal.ifindex]
+            announce(sorted(set(uplinks) | pending) if settings.announce else [], log)
+    finally:
+        net.close()
 
 
 # -- ifdown -----------------------------------------------------------------------------

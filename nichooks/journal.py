@@ -83,9 +83,10 @@ class Journal:
     created: float = field(default_factory=time.time)
     variables: dict[str, str] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    deferred: list[dict[str, str]] = field(default_factory=list)  # see Plan.deferred
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        return {"deferred": self.deferred,
             "format": FORMAT, "key": self.key, "tap": self.tap, "mode": self.mode,
             "instance": self.instance, "link": self.link, "ifindex": self.ifindex,
             "context": self.context, "state": self.state, "created": self.created,
@@ -107,12 +108,18 @@ class Journal:
             records = data.get("records")
             if not isinstance(records, list):
                 raise CorruptJournal("bad records")
+            deferred = data.get("deferred", [])
+            if not isinstance(deferred, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("addr"), str)
+                    and isinstance(d.get("dev"), str) for d in deferred):
+                raise CorruptJournal("bad deferred entries")
             return cls(
                 key=check_key(str(data["key"])), tap=str(data["tap"]), mode=str(data["mode"]),
                 instance=str(data.get("instance", "")), link=data.get("link"),
                 ifindex=ifindex, context=str(data.get("context", "")),
                 state=str(data.get("state", "")), created=float(data.get("created", 0)),
                 variables=variables, records=[Record.from_json(r) for r in records],
+                deferred=[{"addr": d["addr"], "dev": d["dev"]} for d in deferred],
             )
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise CorruptJournal(str(exc)) from None

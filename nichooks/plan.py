@@ -67,7 +67,8 @@ def checks(kind: str) -> Callable[[PresentFn], PresentFn]:
 def load_backends() -> None:
     """Import every module that registers undo kinds (cheap: none imports a
     netlink or OVSDB library at module level)."""
-    import nichooks.net_common.link  # noqa: F401
+    import nichooks.net_common.link
+    import nichooks.net_common.routed  # noqa: F401
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Plan:
     nic_label: str
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts found in preflight worth showing
+    # routed mode: (uplink, address) to announce after the steps; uplink proxy entries
+    # held back on a migration target until switchover ({"addr", "dev"} each)
+    announcements: list[tuple[str, str]] = field(default_factory=list)
+    deferred: list[dict[str, str]] = field(default_factory=list)
 
     def as_data(self) -> list[dict[str, Any]]:
         return [step.as_data() for step in self.steps]
@@ -85,5 +90,9 @@ class Plan:
         lines += [f"  {i}. {step.describe()}" for i, step in enumerate(self.steps, 1)]
         if not self.steps:
             lines.append("  (no built-in steps)")
+        lines += [f"  then: announce {addr} on {dev} (gratuitous ARP / unsolicited NA)"
+                  for dev, addr in self.announcements]
+        lines += [f"  deferred until switchover: proxy {d['addr']} on {d['dev']}, announce it"
+                  for d in self.deferred]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

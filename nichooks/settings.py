@@ -22,7 +22,18 @@ DEFAULTS: dict[str, str] = {
     "NICHOOKS_LOCK_TIMEOUT": "30",
     "NICHOOKS_SCRIPT_TIMEOUT": "60",
     "NICHOOKS_DEBUG": "0",
+    # routed mode
+    "NICHOOKS_RULE_PRIORITY": "20000",
+    "NICHOOKS_ROUTE_PROTO": "241",
+    "NICHOOKS_UPLINK4": "",
+    "NICHOOKS_UPLINK6": "",
+    "NICHOOKS_MANAGE_SYSCTLS": "no",
+    "NICHOOKS_ANNOUNCE": "1",
+    "NICHOOKS_IPROUTE2_DIR": "/etc/iproute2",
 }
+
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off")
 
 CONF_SECTION = "nichooks"
 
@@ -37,6 +48,13 @@ class Settings:
     lock_timeout: float
     script_timeout: float
     debug: bool
+    rule_priority: int
+    route_proto: int
+    uplink4: str | None
+    uplink6: str | None
+    manage_sysctls: bool
+    announce: bool
+    iproute2_dir: Path
     sources: Mapping[str, str]  # setting -> "env", "file <path>" or "default"
 
     @property
@@ -74,6 +92,28 @@ def _number(name: str, text: str, where: str) -> float:
     return value
 
 
+def _flag(name: str, text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise InvalidInput(name, f"{text!r} is not yes or no")
+
+
+def _int(name: str, text: str, low: int, high: int) -> int:
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise InvalidInput(name, f"{text!r} is not a number in {low}..{high}")
+    return int(text)
+
+
+def _uplink(name: str, text: str) -> str | None:
+    if not text:
+        return None
+    from nichooks.validate import ifname
+
+    return ifname(name, text)
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     conf_dir = env.get("NICHOOKS_CONF_DIR") or DEFAULTS["NICHOOKS_CONF_DIR"]
@@ -88,7 +128,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             values[name], sources[name] = conf[name], f"file {conf_path}"
         else:
             values[name], sources[name] = default, "default"
-    for name in ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "GANETI_RUN_DIR", "OVS_RUNDIR"):
+    for name in ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "GANETI_RUN_DIR", "OVS_RUNDIR",
+                 "NICHOOKS_IPROUTE2_DIR"):
         if not values[name].startswith("/"):
             raise InvalidInput(name, f"{values[name]!r} is not an absolute path")
     return Settings(
@@ -101,6 +142,15 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
                              sources["NICHOOKS_LOCK_TIMEOUT"]),
         script_timeout=_number("NICHOOKS_SCRIPT_TIMEOUT", values["NICHOOKS_SCRIPT_TIMEOUT"],
                                sources["NICHOOKS_SCRIPT_TIMEOUT"]),
-        debug=values["NICHOOKS_DEBUG"].lower() in ("1", "yes", "true", "on"),
+        debug=values["NICHOOKS_DEBUG"].lower() in _TRUE,
+        # 32766 and 32767 are the kernel's main and default rules: stay before them.
+        rule_priority=_int("NICHOOKS_RULE_PRIORITY", values["NICHOOKS_RULE_PRIORITY"], 1, 32765),
+        # 0-4 are the kernel's own (unspec, redirect, kernel, boot, static).
+        route_proto=_int("NICHOOKS_ROUTE_PROTO", values["NICHOOKS_ROUTE_PROTO"], 5, 255),
+        uplink4=_uplink("NICHOOKS_UPLINK4", values["NICHOOKS_UPLINK4"]),
+        uplink6=_uplink("NICHOOKS_UPLINK6", values["NICHOOKS_UPLINK6"]),
+        manage_sysctls=_flag("NICHOOKS_MANAGE_SYSCTLS", values["NICHOOKS_MANAGE_SYSCTLS"]),
+        announce=_flag("NICHOOKS_ANNOUNCE", values["NICHOOKS_ANNOUNCE"]),
+        iproute2_dir=Path(values["NICHOOKS_IPROUTE2_DIR"]),
         sources=sources,
     )

@@ -129,3 +129,117 @@ def _errtext(code: int, exc: Exception) -> str:
         return os.strerror(code)
     except ValueError:
         return str(exc)
+
+
+# -- routing: rules, routes, proxy neighbours, sysctls (routed mode) --------------------
+AF_INET, AF_INET6 = 2, 10
+NTF_PROXY = 0x08
+RT_SCOPE_LINK = 253
+
+
+def family_of(addr: str) -> int:
+    return AF_INET6 if ":" in addr else AF_INET
+
+
+class Routing(Netlink):
+    """Netlink plus what routed mode needs. Each call is one request; lookups filter
+    in Python because the kernel's route `get` is a lookup, not a table filter."""
+
+    def rules(self, family: int) -> list[dict[str, Any]]:
+        out = []
+        for msg in self._call(self.ipr.get_rules, family=family):
+            out.append({"priority": msg.get("FRA_PRIORITY") or 0,
+                        "table": msg.get("FRA_TABLE") or msg["table"],
+                        "iifname": msg.get("FRA_IIFNAME")})
+        return out
+
+    def rule_add(self, family: int, iifname: str, table: int, priority: int) -> None:
+        self._call(self.ipr.rule, "add", family=family, iifname=iifname, table=table,
+                   priority=priority)
+
+    def rule_del(self, family: int, iifname: str, table: int, priority: int) -> None:
+        self._call(self.ipr.rule, "del", family=family, iifname=iifname, table=table,
+                   priority=priority)
+
+    def routes(self, family: int, table: int) -> list[dict[str, Any]]:
+        """Host routes and everything else in one table: dst/len, oif, proto."""
+        out = []
+        for msg in self._call(self.ipr.get_routes, family=family, table=table):
+            if (msg.get("RTA_TABLE") or msg["table"]) != table:
+                continue
+            out.append({"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"],
+                        "oif": msg.get("RTA_OIF"), "proto": msg["proto"],
+                        "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"]})
+        return out
+
+    def default_route_dev(self, family: int, table: int) -> int | None:
+        for route in self.routes(family, table):
+            if route["dst_len"] == 0 and route["type"] == 1 and route["oif"]:
+                return int(route["oif"])
+        return None
+
+    def route_add(self, family: int, dst: str, oif: int, table: int, proto: int) -> None:
+        plen = 32 if family == AF_INET else 128
+        self._call(self.ipr.route, "add", family=family, dst=f"{dst}/{plen}", oif=oif,
+                   table=table, proto=proto, scope=RT_SCOPE_LINK)
+
+    def route_del(self, family: int, dst: str, oif: int, table: int, proto: int) -> None:
+        plen = 32 if family == AF_INET else 128
+        self._call(self.ipr.route, "del", family=family, dst=f"{dst}/{plen}", oif=oif,
+                   table=table, proto=proto, scope=RT_SCOPE_LINK)
+
+    def proxy_get(self, addr: str, ifindex: int) -> dict[str, Any] | None:
+        """A proxy neighbour entry (pyroute2 0.9 cannot dump them; `get` works)."""
+        try:
+            msgs = self._call(self.ipr.neigh, "get", dst=addr, ifindex=ifindex,
+                              flags=NTF_PROXY, family=family_of(addr))
+        except NetlinkError as exc:
+            if exc.code in GONE:
+                return None
+            raise
+        for msg in msgs:
+            return {"dst": msg.get("NDA_DST"), "ifindex": msg["ifindex"],
+                    "proto": msg.get("NDA_PROTOCOL")}
+        return None
+
+    def proxy_add(self, addr: str, ifindex: int, proto: int) -> None:
+        self._call(self.ipr.neigh, "add", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
+                   family=family_of(addr), NDA_PROTOCOL=proto)
+
+    def proxy_del(self, addr: str, ifindex: int) -> None:
+        self._call(self.ipr.neigh, "del", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
+                   family=family_of(addr))
+
+
+def sysctl_path(key: str) -> str:
+    """`net.ipv4.conf.tap0.proxy_arp` -> /proc/sys/net/ipv4/conf/tap0/proxy_arp. Device
+    names may contain dots, so the device part is passed separately by callers that
+    build keys (see conf_key)."""
+    return "/proc/sys/" + key
+
+
+def conf_key(family: int, dev: str, name: str) -> str:
+    return f"net/{'ipv4' if family == AF_INET else 'ipv6'}/conf/{dev}/{name}"
+
+
+def sysctl_read(key: str) -> str | None:
+    try:
+        with open(sysctl_path(key)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def sysctl_write(key: str, value: str) -> None:
+    with open(sysctl_path(key), "w") as f:
+        f.write(value)
+
+
+def sysctl_name(key: str) -> str:
+    """The dotted name an operator types (`sysctl -w` wants '/' for dots in device
+    names, which is what the path form gives us)."""
+    parts = key.split("/")
+    if len(parts) == 5 and parts[2] == "conf":
+        dev = parts[3].replace(".", "/")
+        return ".".join([*parts[:3], dev, parts[4]])
+    return ".".join(parts)
