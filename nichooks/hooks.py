@@ -159,11 +159,13 @@ def lock_nic(stack: ExitStack, store: Store, key: str | None, tap: str | None,
 
 
 # -- ifup -----------------------------------------------------------------------------
-def _converge(store: Store, net: Netlink, nic: nicmod.Nic, log: HookLog) -> list[Record]:
+def _converge(store: Store, net: Netlink, nic: nicmod.Nic,
+              log: HookLog) -> tuple[bool, list[Record]]:
     """Undo any earlier plug of this NIC, and any other NIC's plug that claimed this
-    tap name; return the records of our own NIC that could not be undone, which the
-    new journal carries so a later ifdown or sweep retries them."""
+    tap name. Returns (whether anything was undone, the records of our own NIC that
+    could not be undone: the new journal carries them so a later ifdown retries)."""
     carried: list[Record] = []
+    undone = False
     keys = [nic.key]
     owner = store.tap_owner(nic.tap)
     if owner and owner != nic.key:
@@ -179,6 +181,7 @@ def _converge(store: Store, net: Netlink, nic: nicmod.Nic, log: HookLog) -> list
             store.release_tap(nic.tap, key)
             continue
         log.info("converge", journal=key, old_tap=journal.tap, records=len(journal.records))
+        undone = undone or bool(journal.records)
         failed = undo_records(net, journal.records, log)
         store.release_tap(journal.tap, key)
         if key == nic.key:
@@ -189,7 +192,7 @@ def _converge(store: Store, net: Netlink, nic: nicmod.Nic, log: HookLog) -> list
             store.save(journal)
         else:
             store.delete(key)
-    return carried
+    return undone, carried
 
 
 def ifup(request: Request) -> None:
@@ -206,9 +209,10 @@ def ifup(request: Request) -> None:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
             # Preflight before converging: a refused ifup must leave an earlier plug
             # of the NIC (hot-modify to a bad LINK) exactly as it was.
-            build_plan(nic, net, settings)
-            carried = _converge(store, net, nic, log)
-            plan = build_plan(nic, net, settings)  # again: converging may have changed the tap
+            plan = build_plan(nic, net, settings)
+            converged, carried = _converge(store, net, nic, log)
+            if converged:
+                plan = build_plan(nic, net, settings)  # again: undoing changed the tap
             tap_state = net.find(nic.tap)
             journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
                               link=nic.link, ifindex=tap_state.index if tap_state else None,

@@ -217,8 +217,12 @@ class Rule:
         return Record(kind=self.kind, step=self.describe(), undo=self._undo())
 
     def apply(self, net: Routing) -> None:
-        if not rule_present(net, self._undo()):
+        # Add first, look only on EEXIST: a rule dump costs ~45 ms per 1000 rules.
+        try:
             net.rule_add(self.family, self.iifname, self.table, self.priority)
+        except NetlinkError as exc:
+            if exc.code != EEXIST:
+                raise
 
     def verify(self, net: Routing) -> str | None:
         return None if rule_present(net, self._undo()) else f"{self.describe()} is missing"
@@ -272,12 +276,16 @@ class HostRoute:
             "table": self.table, "proto": self.proto})
 
     def apply(self, net: Routing) -> None:
+        # Add first, dump the table only on EEXIST (a dump costs ~50 ms per 1000 routes).
         tap = require_link(net, self.tap)
-        owner = route_owner(net, self.family, self.addr, self.table)
-        if owner is not None and owner["oif"] != tap.index:
-            raise PlumbingError(_owned_message(net, self.addr, self.table, owner))
-        if owner is None:
+        try:
             net.route_add(self.family, self.addr, tap.index, self.table, self.proto)
+        except NetlinkError as exc:
+            if exc.code != EEXIST:
+                raise
+            owner = route_owner(net, self.family, self.addr, self.table)
+            if owner is not None and owner["oif"] != tap.index:
+                raise PlumbingError(_owned_message(net, self.addr, self.table, owner)) from None
 
     def verify(self, net: Routing) -> str | None:
         tap = net.find(self.tap)
