@@ -41,7 +41,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
     from nichooks.journal import Store
-    from nichooks.net_common.netlink import Netlink
+    from nichooks.net_common.netlink import Routing as Netlink
     from nichooks.plan import PRESENT, load_backends
 
     load_backends()

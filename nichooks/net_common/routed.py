@@ -98,8 +98,11 @@ def resolve_table(link: str | None, directory: Path) -> int:
             continue
         for line in lines:
             words = line.split("#", 1)[0].split()
-            if len(words) >= 2 and words[1] == link and words[0].isdigit():
-                return int(words[0])
+            if len(words) >= 2 and words[1] == link:
+                try:
+                    return int(words[0], 0)  # iproute2 accepts 0x64 as well as 100
+                except ValueError:
+                    continue
     raise PlumbingError(f"routing table {link!r} (LINK) is not named in {directory}/rt_tables "
                         "or rt_tables.d/*.conf")
 
@@ -433,7 +436,10 @@ def _sysctl_needs(net: Routing, families: dict[int, str], uplinks: dict[int, str
 def plan(nic: Nic, net: Routing, settings: Settings) -> Plan:
     label = nic.label()
     families = addresses(nic)
-    table = resolve_table(nic.link, settings.iproute2_dir)
+    try:
+        table = resolve_table(nic.link, settings.iproute2_dir)
+    except PlumbingError as exc:
+        raise PlumbingError(exc.cause, nic=label, step="preflight") from None
     tap = net.find(nic.tap)
     if tap is None:
         raise PlumbingError(f"tap {nic.tap} does not exist", nic=label, step="preflight")

@@ -57,3 +57,10 @@ def test_table_names(tmp_path: Path) -> None:
 def test_sysctl_names_keep_dotted_devices_apart() -> None:
     assert sysctl_name("net/ipv4/ip_forward") == "net.ipv4.ip_forward"
     assert sysctl_name("net/ipv6/conf/eth0.100/proxy_ndp") == "net.ipv6.conf.eth0/100.proxy_ndp"
+
+
+def test_hex_table_numbers(tmp_path: Path) -> None:
+    (tmp_path / "rt_tables").write_text("0x64 public\nbad private\n")
+    assert resolve_table("public", tmp_path) == 100
+    with pytest.raises(PlumbingError):
+        resolve_table("private", tmp_path)
