@@ -12,6 +12,8 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,27 @@ def hook_env(state_dir: Path, conf_dir: Path, **nic: str) -> dict[str, str]:
     }
     env.update(nic)
     return env
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 3.0) -> Any:
+    """Poll until `probe` returns something truthy (the kernel updates some state
+    asynchronously); AssertionError naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def one_line(stderr: str) -> str:
+    """A failing hook prints exactly one line, starting `nichooks: `."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
+    assert lines[0].startswith("nichooks: "), lines[0]
+    return lines[0]
 
 
 def require_root() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nichooks.journal import Record
-from nichooks.net_common.netlink import GONE, LinkState, Netlink, NetlinkError
+from nichooks.net_common.netlink import LinkState, Netlink, NetlinkError, ignore_gone
 from nichooks.plan import checks, undoes
 
 ATTRS = ("mac", "mtu", "master", "up")
@@ -94,11 +94,8 @@ def undo_link_attr(net: Netlink, undo: dict[str, Any]) -> None:
     old = undo["old"]
     if attr == "master" and old and net.by_index(old) is None:
         old = None  # the previous master is gone: detach only
-    try:
+    with ignore_gone():
         net.set_link(state.index, **_netlink_args(attr, old))
-    except NetlinkError as exc:
-        if exc.code not in GONE:
-            raise
 
 
 @checks("link.attr")
@@ -168,14 +165,11 @@ def undo_bridge_vlans(net: Netlink, undo: dict[str, Any]) -> None:
     state = net.by_index(undo["ifindex"])
     if state is None or state.slave_kind != "bridge":
         return  # gone, or no longer a bridge port: its VLAN entries went with it
-    try:
+    with ignore_gone():
         for vid in undo["added"]:
             net.vlan_del(state.index, int(vid))
         for vid, flags in undo["removed"].items():
             net.vlan_add(state.index, int(vid), pvid="pvid" in flags, untagged="untagged" in flags)
-    except NetlinkError as exc:
-        if exc.code not in GONE:
-            raise
 
 
 @checks("bridge.vlans")

@@ -8,6 +8,8 @@ checks and undo records are built from one snapshot, not from many round trips.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,16 @@ class NetlinkError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@contextmanager
+def ignore_gone() -> Iterator[None]:
+    """Undo's rule: an object the kernel or someone else already removed is undone."""
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code not in GONE:
+            raise
 
 
 class Netlink:

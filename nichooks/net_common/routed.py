@@ -37,6 +37,7 @@ from nichooks.net_common.netlink import (
     Routing,
     conf_key,
     family_of,
+    ignore_gone,
     sysctl_name,
     sysctl_read,
     sysctl_write,
@@ -318,11 +319,8 @@ def undo_host_route(net: Routing, undo: dict[str, Any]) -> None:
     owner = route_owner(net, undo["family"], undo["addr"], undo["table"])
     if owner is None or owner["oif"] != undo["oif"] or owner["proto"] != undo["proto"]:
         return  # gone with the tap, or someone else's now
-    try:
+    with ignore_gone():
         net.route_del(undo["family"], undo["addr"], undo["oif"], undo["table"], undo["proto"])
-    except NetlinkError as exc:
-        if exc.code not in GONE:
-            raise
 
 
 @checks("route.host")
@@ -379,11 +377,8 @@ def undo_proxy(net: Routing, undo: dict[str, Any]) -> None:
     entry = net.proxy_get(undo["addr"], dev.index)
     if entry is None or entry["proto"] != undo["proto"]:
         return
-    try:
+    with ignore_gone():
         net.proxy_del(undo["addr"], dev.index)
-    except NetlinkError as exc:
-        if exc.code not in GONE:
-            raise
 
 
 @checks("route.proxy")

@@ -31,15 +31,14 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.nstools import Netns, bin_path, hook_env
+from tests.nstools import Netns, bin_path, hook_env, wait_for
 
 TABLE = "100"
 PRIORITY = 20000
@@ -82,22 +81,6 @@ def tap_sysctl_keys(tap: str) -> list[str]:
             f"net.ipv6.conf.{tap}.proxy_ndp", f"net.ipv6.conf.{tap}.forwarding"]
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 3.0) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("nichooks: "), lines[0]
-    return lines[0]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.nstools import Netns, require_root
+from tests.nstools import Netns, require_root, wait_for
 
 ROUTER_IF, HOST_IF = "vr", "vh"
 GUEST4, GUEST6 = "198.51.100.50", "2001:db8:100::50"
@@ -51,16 +51,6 @@ while got < want:
         got += 1
 """
 
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 3.0) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def mac_bytes(mac: str) -> bytes:

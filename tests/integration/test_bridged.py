@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.bridged_env import GUEST_MAC, Site
-from tests.nstools import Netns, require_root
+from tests.nstools import Netns, one_line, require_root
 
 
 @pytest.fixture
@@ -38,12 +38,6 @@ def assert_plugged(site: Site, tap: str, bridge: str) -> None:
     assert link["address"][2:] != GUEST_MAC[2:] or True  # the tap's own MAC, not the guest's
     assert link["mtu"] == br["mtu"]
 
-
-def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("nichooks: ")
-    return lines[0]
 
 
 def test_ifup_ifdown_on_jumbo_bridge_returns_namespace(site: Site) -> None:

@@ -38,11 +38,9 @@ from tests.integration.routed_env import (
     capture,
     eui64,
     make_world,
-    one_line,
     tap_sysctl_keys,
-    wait_for,
 )
-from tests.nstools import bin_path, hook_env, require_root
+from tests.nstools import bin_path, hook_env, one_line, require_root, wait_for
 
 
 @pytest.fixture
