@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nichooks import nic as nicmod
 from nichooks import settings as settingsmod
@@ -23,6 +24,9 @@ from nichooks.log import HookLog
 from nichooks.net_common.netlink import NetlinkError
 from nichooks.net_common.netlink import Routing as Netlink
 from nichooks.plan import UNDO, Plan, load_backends
+
+if TYPE_CHECKING:
+    from nichooks.custom import ScriptFailure
 
 UP_CONTEXTS = ("start", "migrate", "hot-add")
 DOWN_CONTEXTS = ("shutdown", "migrate", "migrate-failed", "hot-unplug", "vanished")
@@ -302,7 +306,7 @@ def _rollback(store: Store, net: Netlink, nic: nicmod.Nic, journal: Journal, log
 
 def _run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
                 variables: Mapping[str, str], action: str, context: str, log: HookLog,
-                *, stop_on_failure: bool) -> list:  # type: ignore[type-arg]
+                *, stop_on_failure: bool) -> list[ScriptFailure]:
     from nichooks import custom
 
     script_env = {**env, **variables, "ACTION": action, "NICHOOKS_CONTEXT": context}

@@ -114,6 +114,30 @@ class Netns:
         return snap
 
 
+# Runs in a namespace (`python -c SCRIPT IFNAME WANT SECONDS`): prints "ready" once
+# bound, then the hex of every received ARP frame and ICMPv6 Neighbour Advertisement,
+# until it has WANT of them or SECONDS have passed.
+CAPTURE_ANNOUNCEMENTS = r"""
+import select, socket, sys, time
+ifname, want, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((ifname, 3))
+print("ready", flush=True)
+end, got = time.monotonic() + limit, 0
+while got < want:
+    left = end - time.monotonic()
+    if left <= 0 or not select.select([s], [], [], left)[0]:
+        break
+    frame, addr = s.recvfrom(65535)
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    etype = frame[12:14]
+    if etype == b"\x08\x06" or (etype == b"\x86\xdd" and frame[20] == 58 and frame[54] == 136):
+        print(frame.hex(), flush=True)
+        got += 1
+"""
+
+
 def list_netns() -> set[str]:
     out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
     return {n["name"] for n in json.loads(out)} if out.strip() else set()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.nstools import Netns, bin_path, hook_env, wait_for
+from tests.nstools import CAPTURE_ANNOUNCEMENTS, Netns, bin_path, hook_env, wait_for
 
 TABLE = "100"
 PRIORITY = 20000
@@ -327,24 +327,6 @@ def make_world(tmp: Path, *, ready: bool = True, uplink_rule: bool = True,
 
 # Runs in the router namespace on one bridge port: prints "ready", then the hex of
 # every ARP frame and ICMPv6 Neighbour Advertisement received, for `limit` seconds.
-CAPTURE = r"""
-import select, socket, sys, time
-ifname, limit = sys.argv[1], float(sys.argv[2])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 3))
-print("ready", flush=True)
-end = time.monotonic() + limit
-while True:
-    left = end - time.monotonic()
-    if left <= 0 or not select.select([s], [], [], left)[0]:
-        break
-    frame, addr = s.recvfrom(65535)
-    if addr[2] == socket.PACKET_OUTGOING:
-        continue
-    etype = frame[12:14]
-    if etype == b"\x08\x06" or (etype == b"\x86\xdd" and frame[20] == 58 and frame[54] == 136):
-        print(frame.hex(), flush=True)
-"""
 
 
 @dataclass
@@ -385,7 +367,9 @@ def capture(ns: Netns, ifname: str, limit: float = 1.5) -> Iterator[Heard]:
     from entering the block (leaving the block waits for the window to close)."""
     heard = Heard()
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE, ifname, str(limit)],
+        # a count never reached: collect for the whole window
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE_ANNOUNCEMENTS, ifname,
+         "1000000", str(limit)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

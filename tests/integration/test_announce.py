@@ -23,33 +23,12 @@ from typing import Any
 
 import pytest
 
-from tests.nstools import Netns, require_root, wait_for
+from tests.nstools import CAPTURE_ANNOUNCEMENTS, Netns, require_root, wait_for
 
 ROUTER_IF, HOST_IF = "vr", "vh"
 GUEST4, GUEST6 = "198.51.100.50", "2001:db8:100::50"
 OLD_MAC = "02:00:00:00:00:99"
 
-# Runs in the router namespace: prints "ready" once bound, then the hex of every
-# received ARP frame and ICMPv6 Neighbour Advertisement, until it has `want` of them.
-CAPTURE = r"""
-import select, socket, sys, time
-ifname, want, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 3))
-print("ready", flush=True)
-end, got = time.monotonic() + limit, 0
-while got < want:
-    left = end - time.monotonic()
-    if left <= 0 or not select.select([s], [], [], left)[0]:
-        break
-    frame, addr = s.recvfrom(65535)
-    if addr[2] == socket.PACKET_OUTGOING:
-        continue
-    etype = frame[12:14]
-    if etype == b"\x08\x06" or (etype == b"\x86\xdd" and frame[20] == 58 and frame[54] == 136):
-        print(frame.hex(), flush=True)
-        got += 1
-"""
 
 
 
@@ -137,7 +116,8 @@ def lan() -> Iterator[Lan]:
 def capture(ns: Netns, ifname: str, want: int, limit: float = 3.0) -> Iterator[Callable[[], list[bytes]]]:
     """Capture frames on `ifname` in `ns`; yields a function returning them when done."""
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE, ifname, str(want), str(limit)],
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE_ANNOUNCEMENTS, ifname,
+         str(want), str(limit)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
