@@ -16,12 +16,12 @@ from nichooks.errors import EXIT_OK, EXIT_PLUMBING
 def _plan(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
     from nichooks.hooks import build_plan, nic_for_ifup
-    from nichooks.net_common.netlink import Routing as Netlink
+    from nichooks.host import Host
 
     env = os.environ
     settings = settingsmod.load(env)
     nic = nic_for_ifup(env, args.tap, settings)
-    net = Netlink()
+    net = Host(settings)
     try:
         plan = build_plan(nic, net, settings)
     finally:
@@ -40,14 +40,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
+    from nichooks.host import Host
     from nichooks.journal import Store
-    from nichooks.net_common.netlink import Routing as Netlink
     from nichooks.plan import PRESENT, load_backends
 
     load_backends()
     settings = settingsmod.load(os.environ)
     store = Store(settings.state_dir)
-    net = Netlink()
+    net = Host(settings)
     rows: list[dict[str, Any]] = []
     try:
         for key, journal in store.journals():

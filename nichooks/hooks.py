@@ -18,11 +18,11 @@ from nichooks import nic as nicmod
 from nichooks import settings as settingsmod
 from nichooks import validate
 from nichooks.errors import InvalidInput, NicHooksError, PlumbingError
+from nichooks.host import Host
 from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
 from nichooks.locks import acquire, lock_names
 from nichooks.log import HookLog
 from nichooks.net_common.netlink import NetlinkError
-from nichooks.net_common.netlink import Routing as Netlink
 from nichooks.plan import UNDO, Plan, load_backends
 
 if TYPE_CHECKING:
@@ -73,12 +73,16 @@ def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
     return nicmod.from_variables(variables, tap=tap)
 
 
-def build_plan(nic: nicmod.Nic, net: Netlink, settings: settingsmod.Settings) -> Plan:
+def build_plan(nic: nicmod.Nic, net: Host, settings: settingsmod.Settings) -> Plan:
     """Preflight and plan for the NIC's mode; raises before anything is changed."""
     if nic.mode == "bridged":
         from nichooks.net_common import bridge
 
         return bridge.plan(nic, net)
+    if nic.mode == "openvswitch":
+        from nichooks.net_common import openvswitch
+
+        return openvswitch.plan(nic, net, settings)
     if nic.mode == "routed":
         from nichooks.net_common import routed
 
@@ -92,7 +96,7 @@ def build_plan(nic: nicmod.Nic, net: Netlink, settings: settingsmod.Settings) ->
 
 
 # -- undo -------------------------------------------------------------------------
-def undo_records(net: Netlink, records: list[Record], log: HookLog) -> list[Record]:
+def undo_records(net: Host, records: list[Record], log: HookLog) -> list[Record]:
     """Undo records in reverse, each independently (best effort); return the ones
     that failed, in journal order, marked failed with the cause."""
     load_backends()
@@ -163,7 +167,7 @@ def lock_nic(stack: ExitStack, store: Store, key: str | None, tap: str | None,
 
 
 # -- ifup -----------------------------------------------------------------------------
-def _converge(store: Store, net: Netlink, nic: nicmod.Nic,
+def _converge(store: Store, net: Host, nic: nicmod.Nic,
               log: HookLog) -> tuple[bool, list[Record]]:
     """Undo any earlier plug of this NIC, and any other NIC's plug that claimed this
     tap name. Returns (whether anything was undone, the records of our own NIC that
@@ -207,7 +211,7 @@ def ifup(request: Request) -> None:
                   uuid=nic.uuid, tap=nic.tap, context=context, mode=nic.mode)
     store = Store(settings.state_dir)
     store.ensure()
-    net = Netlink()
+    net = Host(settings)
     try:
         with ExitStack() as stack:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
@@ -217,6 +221,8 @@ def ifup(request: Request) -> None:
             converged, carried = _converge(store, net, nic, log)
             if converged:
                 plan = build_plan(nic, net, settings)  # again: undoing changed the tap
+            for note in plan.notes:
+                log.info("plan", note=note)
             tap_state = net.find(nic.tap)
             journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
                               link=nic.link, ifindex=tap_state.index if tap_state else None,
@@ -240,7 +246,7 @@ def ifup(request: Request) -> None:
         net.close()
 
 
-def _apply(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Journal,
+def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journal,
            log: HookLog, first_new: int, fault: str = "") -> None:
     """Apply the steps in order, each one's undo record on disk before it runs.
 
@@ -248,13 +254,14 @@ def _apply(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Jou
     as if the kernel refused it, `kill-after:N` SIGKILLs this process right after
     step N, so tests can prove rollback and crash recovery at every point."""
     for number, step in enumerate(plan.steps, 1):
+        facts: dict[str, object] = {}
         try:
             record = step.prepare(net)
             journal.records.append(record)
             store.save(journal)  # write-ahead: the undo is on disk before the change
             if fault == f"fail-at:{number}":
                 raise RuntimeError("injected fault (NICHOOKS_TEST_FAULT)")
-            step.apply(net)
+            facts = step.apply(net) or {}
             if fault == f"kill-after:{number}":
                 import os
                 import signal
@@ -267,21 +274,24 @@ def _apply(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Jou
                 _rollback_quietly(store, net, nic, journal, log, first_new)
                 raise
             _rollback(store, net, nic, journal, log, first_new, cause, step.describe())
-        log.info("step", step=step.describe(), result="ok")
+        log.info("step", step=step.describe(), result="ok", **facts)
 
 
-def _verify(store: Store, net: Netlink, nic: nicmod.Nic, plan: Plan, journal: Journal,
+def _verify(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journal,
             log: HookLog, first_new: int) -> None:
     """Read back what was applied (nmstate's apply-verify-commit)."""
     for step in plan.steps:
-        mismatch = step.verify(net)
+        try:
+            mismatch = step.verify(net)
+        except Exception as exc:  # cannot read back: as bad as a mismatch
+            mismatch = f"cannot read back: {_cause(exc)}"
         if mismatch:
             log.error("verify", step=step.describe(), result="mismatch", cause=mismatch)
             _rollback(store, net, nic, journal, log, first_new, f"read back: {mismatch}",
                       f"verify {step.describe()}")
 
 
-def _rollback_quietly(store: Store, net: Netlink, nic: nicmod.Nic, journal: Journal,
+def _rollback_quietly(store: Store, net: Host, nic: nicmod.Nic, journal: Journal,
                       log: HookLog, first_new: int) -> list[Record]:
     failed = undo_records(net, journal.records[first_new:], log)
     journal.records = journal.records[:first_new] + failed
@@ -294,7 +304,7 @@ def _rollback_quietly(store: Store, net: Netlink, nic: nicmod.Nic, journal: Jour
     return failed
 
 
-def _rollback(store: Store, net: Netlink, nic: nicmod.Nic, journal: Journal, log: HookLog,
+def _rollback(store: Store, net: Host, nic: nicmod.Nic, journal: Journal, log: HookLog,
               first_new: int, cause: str, step: str) -> None:
     """Undo what this ifup applied and fail with one line."""
     failed = _rollback_quietly(store, net, nic, journal, log, first_new)
@@ -342,7 +352,7 @@ def announce_now(request: Request) -> None:
     if key is None:
         raise PlumbingError(f"no NIC is journaled on tap {tap}", nic=tap, step="announce")
     log = HookLog(verbose=request.verbose or settings.debug, tap=tap, context="announce")
-    net = Netlink()
+    net = Host(settings)
     try:
         with ExitStack() as stack:
             lock_nic(stack, store, key, tap, settings.lock_timeout, tap)
@@ -422,7 +432,7 @@ def ifdown(request: Request) -> list[str]:
     warnings: list[str] = []
     variables: dict[str, str] = {}
     key = _find_key(request.env, tap, store, settings)
-    net = Netlink()
+    net = Host(settings)
     try:
         if key is None:
             log.info("ifdown", result="nothing journaled")
@@ -441,7 +451,7 @@ def ifdown(request: Request) -> list[str]:
     return warnings
 
 
-def _undo_journal(store: Store, net: Netlink, key: str,
+def _undo_journal(store: Store, net: Host, key: str,
                   log: HookLog) -> tuple[list[str], dict[str, str]]:
     """Replay one journal backwards; return (warnings, the NIC's plug-time variables
     for the ifdown scripts)."""

@@ -30,8 +30,8 @@ class Step(Protocol):
     def prepare(self, net: Any) -> Record:
         """Read the current state and return the undo record, changing nothing."""
 
-    def apply(self, net: Any) -> None:
-        ...
+    def apply(self, net: Any) -> dict[str, Any] | None:
+        """Make the change; may return facts worth a log field (timings, counts)."""
 
     def verify(self, net: Any) -> str | None:
         """None if the kernel shows what was applied, else what differs."""
@@ -68,6 +68,7 @@ def load_backends() -> None:
     """Import every module that registers undo kinds (cheap: none imports a
     netlink or OVSDB library at module level)."""
     import nichooks.net_common.link
+    import nichooks.net_common.openvswitch
     import nichooks.net_common.routed  # noqa: F401
 
 

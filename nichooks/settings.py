@@ -30,6 +30,10 @@ DEFAULTS: dict[str, str] = {
     "NICHOOKS_MANAGE_SYSCTLS": "no",
     "NICHOOKS_ANNOUNCE": "1",
     "NICHOOKS_IPROUTE2_DIR": "/etc/iproute2",
+    # openvswitch mode
+    "NICHOOKS_OVS_TIMEOUT": "10",
+    "NICHOOKS_OVS_ANTISPOOF": "on",
+    "NICHOOKS_OVS_MTU": "",
 }
 
 _TRUE = ("1", "yes", "true", "on")
@@ -55,6 +59,9 @@ class Settings:
     manage_sysctls: bool
     announce: bool
     iproute2_dir: Path
+    ovs_timeout: float
+    ovs_antispoof: str  # on (MAC and known IPs), mac (MAC only), off
+    ovs_mtu: int | None  # None: the bridge's MTU
     sources: Mapping[str, str]  # setting -> "env", "file <path>" or "default"
 
     @property
@@ -98,6 +105,12 @@ def _flag(name: str, text: str) -> bool:
     if text.lower() in _FALSE:
         return False
     raise InvalidInput(name, f"{text!r} is not yes or no")
+
+
+def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    if text.lower() not in choices:
+        raise InvalidInput(name, f"{text!r} is not one of: {', '.join(choices)}")
+    return text.lower()
 
 
 def _int(name: str, text: str, low: int, high: int) -> int:
@@ -152,5 +165,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         manage_sysctls=_flag("NICHOOKS_MANAGE_SYSCTLS", values["NICHOOKS_MANAGE_SYSCTLS"]),
         announce=_flag("NICHOOKS_ANNOUNCE", values["NICHOOKS_ANNOUNCE"]),
         iproute2_dir=Path(values["NICHOOKS_IPROUTE2_DIR"]),
+        ovs_timeout=_number("NICHOOKS_OVS_TIMEOUT", values["NICHOOKS_OVS_TIMEOUT"],
+                            sources["NICHOOKS_OVS_TIMEOUT"]),
+        ovs_antispoof=_choice("NICHOOKS_OVS_ANTISPOOF", values["NICHOOKS_OVS_ANTISPOOF"],
+                              ("on", "mac", "off")),
+        ovs_mtu=(_int("NICHOOKS_OVS_MTU", values["NICHOOKS_OVS_MTU"], 68, 65535)
+                 if values["NICHOOKS_OVS_MTU"] else None),
         sources=sources,
     )

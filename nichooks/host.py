@@ -1,0 +1,44 @@
+"""What a step or an undo function talks to: the kernel (netlink) and, opened only
+when a step first asks, the Open vSwitch database and OpenFlow switch.
+
+Undo functions receive only this object and a JSON record, so everything they need
+to reach (the OVSDB remote, OVS_RUNDIR, timeouts) comes from the settings here,
+never from the record: a journal written before an operator moved the OVSDB socket
+still undoes against the socket in use now.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nichooks.net_common.netlink import Routing
+
+if TYPE_CHECKING:
+    from nichooks.net_common.openflow import OpenFlow
+    from nichooks.net_common.ovsdb import Ovsdb
+    from nichooks.settings import Settings
+
+
+class Host(Routing):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self._ovsdb: Ovsdb | None = None
+
+    def ovsdb(self) -> Ovsdb:
+        if self._ovsdb is None:
+            from nichooks.net_common.ovsdb import Ovsdb
+
+            self._ovsdb = Ovsdb(self.settings.ovsdb, self.settings.ovs_timeout)
+        return self._ovsdb
+
+    def openflow(self) -> OpenFlow:
+        from nichooks.net_common.openflow import OpenFlow
+
+        return OpenFlow(self.settings.ovs_rundir, self.settings.ovs_timeout)
+
+    def close(self) -> None:
+        if self._ovsdb is not None:
+            self._ovsdb.close()
+            self._ovsdb = None
+        super().close()
