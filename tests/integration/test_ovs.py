@@ -5,6 +5,7 @@ anti-spoofing with forged frames, undo by cookie, refusals, a balance-slb bond."
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import subprocess
 import time
@@ -427,3 +428,17 @@ def test_guest_traffic_over_a_balance_slb_bond(switch: Switch, dirs: tuple[Path,
         assert switch.our_flows("br0") == []
     finally:
         upstream.delete()
+
+
+def test_status_then_ifdown_after_the_tap_vanished(switch: Switch, dirs: tuple[Path, Path]) -> None:
+    a = switch.add_guest("tapa", "52:54:00:00:00:0a", "10.0.0.1/24")
+    plug(switch, dirs, a)
+    env = switch.nic_env(*dirs, a)
+    status = switch.hook("nichooks", "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    items = json.loads(status.stdout)[0]["items"]
+    assert [i["present"] for i in items] == [True] * 5
+    switch.host.ip("link", "del", "tapa")  # QEMU went away without calling us
+    unplug(switch, dirs, a)
+    assert switch.ports("br0") == set()
+    assert switch.our_flows("br0") == []
