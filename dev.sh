@@ -50,7 +50,7 @@ case "${1:-}" in
     test)
         need_root; install_debs; install_venv
         cd "$here"
-        "$venv/bin/ruff" check nichooks tests bin
+        "$venv/bin/ruff" check nichooks tests bin bench
         "$venv/bin/mypy" nichooks
         shift
         exec "$venv/bin/python" -m pytest "$@"
