@@ -113,7 +113,9 @@ def antispoof_flows(guest: Guest) -> list[str]:
 
 
 class OpenFlowError(Exception):
-    pass
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
 
 
 class OpenFlow:
@@ -130,7 +132,7 @@ class OpenFlow:
     def exists(self, bridge: str) -> bool:
         return (self.rundir / (bridge + ".mgmt")).exists()
 
-    def _run(self, args: Sequence[str], stdin: str = "") -> str:
+    def _run(self, what: str, args: Sequence[str], stdin: str = "") -> str:
         exe = ofctl_path()
         seconds = max(int(self.timeout), 1)
         try:
@@ -138,25 +140,34 @@ class OpenFlow:
                                   capture_output=True, text=True, timeout=self.timeout + 2,
                                   check=False)
         except subprocess.TimeoutExpired:
-            raise OpenFlowError(f"ovs-ofctl {args[0]} did not finish in {self.timeout:g}s") from None
+            raise OpenFlowError(f"ovs-ofctl {what} did not finish in {self.timeout:g}s") from None
         except OSError as exc:
             raise OpenFlowError(f"cannot run {exe}: {exc.strerror}") from None
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
-            raise OpenFlowError(f"ovs-ofctl {args[0]}: {lines[-1] if lines else 'failed'}")
+            raise OpenFlowError(f"ovs-ofctl {what}: {lines[-1] if lines else 'failed'}", done.stderr)
         return done.stdout
 
     def add(self, bridge: str, cookie_value: int, flows: list[str]) -> None:
-        """All flows in one OpenFlow 1.4 bundle: all of them or none."""
+        """All flows in one OpenFlow 1.4 bundle: all of them or none. A bridge whose
+        `protocols` exclude OpenFlow 1.4 gets them one by one, catch-all drop first
+        (the tap is still down, so nothing passes in between; a failure part-way is
+        rolled back by cookie like any other)."""
         text = "".join(f"cookie=0x{cookie_value:016x},{flow}\n" for flow in flows)
-        self._run(["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge), "-"], text)
+        try:
+            self._run("add-flows", ["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge),
+                                    "-"], text)
+        except OpenFlowError as exc:
+            if "version negotiation failed" not in exc.stderr:
+                raise
+            self._run("add-flows", ["add-flows", self.target(bridge), "-"], text)
 
     def delete(self, bridge: str, cookie_value: int) -> None:
-        self._run(["del-flows", self.target(bridge), cookie_match(cookie_value)])
+        self._run("del-flows", ["del-flows", self.target(bridge), cookie_match(cookie_value)])
 
     def dump(self, bridge: str, cookie_value: int) -> list[str]:
-        out = self._run(["--no-stats", "dump-flows", self.target(bridge),
-                         cookie_match(cookie_value)])
+        out = self._run("dump-flows", ["--no-stats", "dump-flows", self.target(bridge),
+                                       cookie_match(cookie_value)])
         return [line.strip() for line in out.splitlines() if "cookie=" in line]
 
 

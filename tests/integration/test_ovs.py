@@ -442,3 +442,17 @@ def test_status_then_ifdown_after_the_tap_vanished(switch: Switch, dirs: tuple[P
     unplug(switch, dirs, a)
     assert switch.ports("br0") == set()
     assert switch.our_flows("br0") == []
+
+
+def test_bridge_without_openflow14_gets_the_flows_one_by_one(switch: Switch,
+                                                             dirs: tuple[Path, Path]) -> None:
+    switch.vsctl("set", "bridge", "br0", "protocols=OpenFlow10")
+    a = switch.add_guest("tapa", "52:54:00:00:00:0a", "10.0.0.1/24")
+    b = switch.add_guest("tapb", "52:54:00:00:00:0b", "10.0.0.2/24")
+    plug(switch, dirs, a)
+    plug(switch, dirs, b)
+    assert len(switch.our_flows("br0")) > 10
+    assert a.ping_until("10.0.0.2")
+    unplug(switch, dirs, a)
+    unplug(switch, dirs, b)
+    assert switch.our_flows("br0") == []
