@@ -90,5 +90,6 @@ def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int
 
 
 def vif_ganeti(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    print("nichooks: vif-ganeti: Xen support is not implemented yet", file=sys.stderr)
-    return EXIT_PLUMBING
+    from nichooks.vif import run
+
+    return run(argv, env)

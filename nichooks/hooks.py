@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nichooks import nic as nicmod
@@ -40,6 +40,7 @@ class Request:
     tap: str | None = None       # argv[1]; informational when INTERFACE is set
     context: str | None = None
     verbose: bool = False
+    device: str = ""  # a second device of the NIC (Xen HVM "emu" tap): its own journal key
 
 
 # -- where the NIC comes from ---------------------------------------------------
@@ -83,6 +84,14 @@ def build_plan(nic: nicmod.Nic, net: Host, settings: settingsmod.Settings) -> Pl
         from nichooks.net_common import openvswitch
 
         return openvswitch.plan(nic, net, settings)
+    if nic.mode == "routed" and nic.device:
+        # Only the NIC's main device carries the routes and proxies; the guest talks
+        # through one of the two at a time (the emulated NIC until its PV driver loads).
+        from nichooks.net_common.link import SetLink
+
+        return Plan(mode="routed", nic_label=nic.label(), steps=[SetLink(nic.tap, "up", True)],
+                    notes=[f"routed: {nic.tap} is a second device of the NIC; only its main "
+                           "device carries the routes"])
     if nic.mode == "routed":
         from nichooks.net_common import routed
 
@@ -206,6 +215,8 @@ def _converge(store: Store, net: Host, nic: nicmod.Nic,
 def ifup(request: Request) -> None:
     settings = settingsmod.load(request.env)
     nic = nic_for_ifup(request.env, request.tap, settings)
+    if request.device:
+        nic = replace(nic, device=request.device)
     context = request.context or ("migrate" if nic.migration_phase else "start")
     log = HookLog(verbose=request.verbose or settings.debug, instance=nic.instance,
                   uuid=nic.uuid, tap=nic.tap, context=context, mode=nic.mode)

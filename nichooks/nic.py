@@ -64,11 +64,14 @@ class Nic:
     network: Network = field(default_factory=Network)
     migration_phase: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+    # A second device of the same NIC (a Xen HVM NIC's emulated "-emu" tap): journaled
+    # under its own key, so neither plug undoes the other.
+    device: str = ""
 
     @property
     def key(self) -> str:
-        """The journal key: the NIC UUID (DESIGN §2)."""
-        return self.uuid
+        """The journal key: the NIC UUID (DESIGN §2), plus "-<device>" for a second device."""
+        return f"{self.uuid}-{self.device}" if self.device else self.uuid
 
     def label(self) -> str:
         """How errors and logs name this NIC: instance, tap and UUID."""

@@ -1,0 +1,189 @@
+"""vif-ganeti end to end, as libxl calls it: the vif is a veth named `vif5.0` in a
+test namespace (its peer in a guest namespace), xenstore and `xl` are stand-ins on
+PATH backed by a directory, the NIC file is written exactly as Ganeti writes it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.nstools import Netns, bin_path, one_line
+
+STANDINS = Path(__file__).with_name("xen_standins")
+UUID = "9d1c3b2a-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+MAC = "aa:00:00:35:11:22"
+
+
+@dataclass
+class Dom0:
+    host: Netns
+    guest: Netns
+    root: Path
+
+    @property
+    def xs(self) -> Path:
+        return self.root / "xenstore"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {"PATH": f"{STANDINS}:/usr/sbin:/usr/bin:/sbin:/bin", "XENSTORE_DIR": str(self.xs),
+               "NICHOOKS_STATE_DIR": str(self.root / "state"),
+               "NICHOOKS_CONF_DIR": str(self.root / "conf"),
+               "GANETI_RUN_DIR": str(self.root / "ganeti"), "script": "/etc/xen/scripts/vif-ganeti",
+               "XENBUS_TYPE": "vif", "XENBUS_PATH": "backend/vif/5/0",
+               "XENBUS_BASE_PATH": "backend", "netdev": "", "vif": "vif5.0"}
+        env.update(extra)
+        return env
+
+    def xs_write(self, key: str, value: str) -> None:
+        path = self.xs / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+
+    def xs_read(self, key: str) -> str | None:
+        path = self.xs / key
+        return path.read_text() if path.exists() else None
+
+    def nic_file(self, instance: str, index: int, text: str) -> None:
+        path = self.root / "ganeti" / "xen-hypervisor" / "nic" / instance / str(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def vif(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.host.run(bin_path("vif-ganeti"), *args, env=self.env(**extra), check=False)
+
+    def master(self, dev: str) -> str | None:
+        return self.host.link(dev).get("master")
+
+
+# Exactly as hv_xen.py's _WriteNICInfoFile writes it (contract §6.3).
+NIC_FILE = f"""TAGS="web\\ prod"
+NETWORK_NAME="net1"
+MAC={MAC}
+IP=192.0.2.5
+INTERFACE_INDEX=0
+INTERFACE_UUID={UUID}
+MODE=bridged
+LINK=br0
+VLAN=
+"""
+
+
+@pytest.fixture
+def dom0(tmp_path: Path) -> Iterator[Dom0]:
+    host, guest = Netns(), Netns()
+    try:
+        d = Dom0(host, guest, tmp_path)
+        (tmp_path / "state").mkdir()
+        (tmp_path / "conf").mkdir()
+        host.ip("link", "add", "br0", "type", "bridge")
+        host.ip("link", "set", "br0", "address", "02:00:00:00:00:01", "up")
+        host.ip("link", "add", "vif5.0", "type", "veth", "peer", "name", "eth0", "netns", guest.name)
+        guest.ip("link", "set", "eth0", "address", MAC, "up")
+        d.xs_write(".xl/domname/5", "inst1.example.org")
+        d.xs_write("backend/vif/5/0/mac", MAC)
+        yield d
+    finally:
+        guest.delete()
+        host.delete()
+
+
+def test_online_plugs_and_reports_connected_offline_unplugs(dom0: Dom0) -> None:
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    script = dom0.root / "conf" / "ifup.d" / "10-record"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\necho \"$INSTANCE|$TAGS|$INTERFACE|$INTERFACE_UUID\" > {dom0.root}/seen\n")
+    script.chmod(0o755)
+    r = dom0.vif("online", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert dom0.master("vif5.0") == "br0"
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "connected"
+    assert (dom0.root / "seen").read_text().strip() == f"inst1.example.org|web prod|vif5.0|{UUID}"
+    assert [p.name for p in (dom0.root / "state" / "nics").iterdir()] == [f"{UUID}.json"]
+
+    r = dom0.vif("offline", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert dom0.master("vif5.0") is None
+    assert list((dom0.root / "state" / "nics").iterdir()) == []
+
+
+def test_commands_for_the_other_device_type_do_nothing(dom0: Dom0) -> None:
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    for args in (("online", "type_if=tap"), ("add", "type_if=vif"), ("add",)):
+        r = dom0.vif(*args)
+        assert r.returncode == 0, r.stderr
+    assert dom0.master("vif5.0") is None
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") is None
+
+
+def test_vifname_renames_before_plugging(dom0: Dom0) -> None:
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    dom0.xs_write("backend/vif/5/0/vifname", "web0")
+    r = dom0.vif("online", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert not dom0.host.has_link("vif5.0")
+    assert dom0.master("web0") == "br0"
+    r = dom0.vif("offline", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert dom0.master("web0") is None
+
+
+def test_failure_writes_hotplug_error_and_leaves_nothing(dom0: Dom0) -> None:
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE.replace("LINK=br0", "LINK=br9"))
+    r = dom0.vif("online", "type_if=vif")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert "br9" in line
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
+    assert "br9" in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
+    assert dom0.master("vif5.0") is None
+
+
+def test_hvm_emulated_tap_is_a_second_device_of_the_nic(dom0: Dom0) -> None:
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    dom0.host.ip("link", "add", "vif5.0-emu", "type", "veth", "peer", "name", "emu-peer")
+    assert dom0.vif("online", "type_if=vif").returncode == 0
+    r = dom0.vif("add", "type_if=tap", INTERFACE="vif5.0-emu")
+    assert r.returncode == 0, r.stderr
+    assert dom0.master("vif5.0") == dom0.master("vif5.0-emu") == "br0"
+    journals = sorted(p.name for p in (dom0.root / "state" / "nics").iterdir())
+    assert journals == [f"{UUID}-emu.json", f"{UUID}.json"]
+    # the guest's PV driver took over: the emulated tap goes, the vif stays
+    r = dom0.vif("remove", "type_if=tap", INTERFACE="vif5.0-emu")
+    assert r.returncode == 0, r.stderr
+    assert dom0.master("vif5.0-emu") is None
+    assert dom0.master("vif5.0") == "br0"
+    assert dom0.vif("offline", "type_if=vif").returncode == 0
+    assert list((dom0.root / "state" / "nics").iterdir()) == []
+
+
+def test_missing_nic_file_falls_back_to_xenstore_and_says_so(dom0: Dom0) -> None:
+    dom0.xs_write(".xl/domname/5", "inst1.example.org--incoming")
+    dom0.xs_write("backend/vif/5/0/bridge", "br0")
+    dom0.xs_write("backend/vif/5/0/ip", "192.0.2.5")
+    r = dom0.vif("-v", "online", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert "no NIC file" in r.stderr and "source=xenstore" in r.stderr
+    assert dom0.master("vif5.0") == "br0"
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "connected"
+    assert dom0.vif("offline", "type_if=vif").returncode == 0
+    assert dom0.master("vif5.0") is None
+
+
+def test_bad_invocations_exit_2(dom0: Dom0) -> None:
+    r = dom0.vif("frobnicate")
+    assert r.returncode == 2
+    assert "command" in one_line(r.stderr)
+    r = dom0.vif("online", "type_if=vif", vif="eth0")
+    assert r.returncode == 2
+    assert "vif" in one_line(r.stderr)
+
+
+def test_standins_are_executable() -> None:
+    for tool in ("xenstore-read", "xenstore-write", "xl"):
+        assert os.stat(STANDINS / tool).st_mode & stat.S_IXUSR
