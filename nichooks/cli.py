@@ -92,6 +92,27 @@ def _announce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _install(args: argparse.Namespace) -> int:
+    from nichooks.install import run
+
+    return run(args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from nichooks import settings as settingsmod
+
+    settings = settingsmod.load(os.environ)
+    rows = settingsmod.effective(os.environ)
+    if args.json:
+        print(json.dumps([{"name": n, "value": v, "source": s} for n, v, s in rows], indent=2))
+        return EXIT_OK
+    print(f"# settings file: {settings.conf_dir / 'nichooks.conf'}")
+    width = max(len(n) for n, _v, _s in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}} = {value:<36} # {source}")
+    return EXIT_OK
+
+
 def _try(args: argparse.Namespace) -> int:
     from nichooks.demo import run_demo
 
@@ -114,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "add the held-back uplink proxy entries and announce the addresses")
     p.add_argument("tap")
     p.set_defaults(fn=_announce)
+    p = sub.add_parser("config", help="the effective settings and where each came from")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_config)
+    for verb, help_text in (("install", "put the entry points where Ganeti and Xen look for them"),
+                            ("uninstall", "remove only what install made; restore backups")):
+        p = sub.add_parser(verb, help=help_text)
+        p.add_argument("--ganeti", action="store_true", help="Ganeti's hook paths (default: both)")
+        p.add_argument("--xen", action="store_true", help="Xen's vif-custom (default: both)")
+        p.add_argument("--root", default="/", help="install under this directory (default /)")
+        p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+        if verb == "install":
+            p.add_argument("--force", action="store_true",
+                           help="move a file we did not make aside (<path>.nichooks-backup)")
+            p.add_argument("--xen-path", help="where Xen's vif-ganeti looks "
+                           "(default /etc/xen/scripts/vif-custom)")
+        p.set_defaults(fn=_install, verb=verb)
     p = sub.add_parser("try", help="a self-contained demo in throwaway network namespaces")
     p.add_argument("--no-pause", action="store_true", help="(kept for scripts; the demo never waits)")
     p.set_defaults(fn=_try)

@@ -41,6 +41,16 @@ def run_guarded(fn: Callable[[], int], verbose: bool) -> int:
         return EXIT_PLUMBING
 
 
+COMMUNICATION_PREFIX = "gnt.com."
+
+
+def _instance_communication(env: Mapping[str, str], positionals: Sequence[str]) -> bool:
+    """Ganeti's instance-communication taps (`gnt.com.N`) are Ganeti's own: its
+    kvm-ifup-os has set them up before our hook is exec'd; we must not touch them."""
+    tap = env.get("INTERFACE") or (positionals[0] if positionals else "")
+    return tap.startswith(COMMUNICATION_PREFIX)
+
+
 IFUP_USAGE = "usage: kvm-ifup [-v] [TAP]   (NIC data from the environment or the spec file)"
 IFDOWN_USAGE = ("usage: kvm-ifdown [-v] TAP [CONTEXT]   (CONTEXT: true, false, shutdown, "
                 "migrate, migrate-failed, hot-unplug, vanished)")
@@ -55,6 +65,9 @@ def kvm_ifup(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     if env.get("ACTION") == "down":
         # Ganeti 3.2 runs one dispatcher with ACTION=down for the teardown.
         return kvm_ifdown([argv[0], *positionals[:1], *(["-v"] if verbose else [])], env)
+
+    if _instance_communication(env, positionals):
+        return EXIT_OK
 
     def go() -> int:
         from nichooks.hooks import Request, ifup
@@ -73,6 +86,9 @@ def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int
     positionals, verbose, want_help = _split(argv)
     if want_help:
         print(IFDOWN_USAGE)
+        return EXIT_OK
+
+    if _instance_communication(env, positionals):
         return EXIT_OK
 
     def go() -> int:

@@ -127,6 +127,20 @@ def _uplink(name: str, text: str) -> str | None:
     return ifname(name, text)
 
 
+def effective(env: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(name, value, where it came from) for every setting, for `nichooks config`."""
+    settings = load(env)
+    env = os.environ if env is None else env
+    conf = _read_conf(settings.conf_dir / "nichooks.conf")
+    rows = []
+    for name, default in DEFAULTS.items():
+        source = settings.sources[name]
+        value = env[name] if source == "env" else conf.get(name, default) if source != "default" \
+            else default
+        rows.append((name, value, source))
+    return rows
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     conf_dir = env.get("NICHOOKS_CONF_DIR") or DEFAULTS["NICHOOKS_CONF_DIR"]
