@@ -16,6 +16,7 @@ whatever the port number is by then (Neutron's habit).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 
 COOKIE_PREFIX = 0x4E48  # "NH"
 COOKIE_MASK_PREFIX = 0xFFFF << 48
+PREFIX_MATCH = f"cookie=0x{COOKIE_PREFIX << 48:016x}/0x{COOKIE_MASK_PREFIX:016x}"
 
 # Priorities, all matched on in_port, so they never meet another port's flows.
 P_DROP = 1000      # anything else from the port
@@ -55,48 +57,67 @@ class Guest:
     mac: str
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
-    trunks: bool = False  # tagged frames allowed (a trunk was asked for)
-    mode: str = "on"      # "on": MAC and IPs; "mac": MAC only
+    trunks: tuple[int, ...] = ()  # tagged VLANs the guest may send on (never the native one)
+    mode: str = "on"              # "on": MAC and IPs; "mac": MAC only
+
+    @property
+    def link_local(self) -> str:
+        """The guest's EUI-64 link-local address (what the kernel derives by default)."""
+        octets = [int(x, 16) for x in self.mac.split(":")]
+        octets[0] ^= 0x02
+        iid = bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]])
+        return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
 
 
 def antispoof_flows(guest: Guest) -> list[str]:
-    """The flows, without cookie, in the order ovs-ofctl dumps nothing about (one
-    bundle applies them atomically)."""
+    """The flows, without cookie (one bundle applies them atomically).
+
+    Untagged frames get the full check. Tagged frames pass only for the trunk VLANs
+    that were asked for (never the native VLAN, never VID 0: OVS would put those on
+    the native VLAN and skip the untagged checks) and are checked for the source MAC
+    and the never-from-a-guest shapes only."""
     port = f"in_port={guest.ofport}"
     own = f"{port},dl_src={guest.mac}"
     flows = [f"priority={P_DROP},{port},actions=drop"]
-    if guest.trunks:
-        flows.append(f"priority={P_TAGGED},{own},vlan_tci=0x1000/0x1000,actions=NORMAL")
+    for vid in guest.trunks:
+        flows.append(f"priority={P_TAGGED},{own},vlan_tci=0x{0x1000 | vid:04x}/0x1fff,actions=NORMAL")
     untagged = f"{own},{UNTAGGED}"
     filter_ips = guest.mode == "on" and bool(guest.ipv4 or guest.ipv6)
+    v6_own = (*guest.ipv6, guest.link_local)
 
     def allow(match: str, priority: int = P_ALLOW) -> None:
         flows.append(f"priority={priority},{untagged},{match},actions=NORMAL")
 
-    def deny(match: str) -> None:
-        # untagged only: a trunk's tagged VLANs are the guest's own networks, checked
-        # for the source MAC alone (P_TAGGED)
-        flows.append(f"priority={P_DENY},{port},{UNTAGGED},{match},actions=drop")
+    def deny(match: str, untagged_only: bool = False) -> None:
+        flows.append(f"priority={P_DENY},{port},{UNTAGGED + ',' if untagged_only else ''}"
+                     f"{match},actions=drop")
 
     # ARP: the sender MAC is always the guest's; with IPs, the sender IP too (or the
     # 0.0.0.0 of an RFC 5227 probe).
     for spa in (*guest.ipv4, "0.0.0.0") if filter_ips else ("",):
         allow(f"arp,arp_sha={guest.mac}" + (f",arp_spa={spa}" if spa else ""))
-    # Never from a guest: DHCP server replies, router advertisements and redirects.
-    deny("udp,tp_src=67,tp_dst=68")
-    deny("udp6,tp_src=547,tp_dst=546")
+    # Never from a guest, tagged or not: DHCP server replies (whatever the source
+    # port: clients only look at the destination), router advertisements, redirects.
+    deny("udp,tp_dst=68")
+    deny("udp6,tp_dst=546")
     deny("icmp6,icmp_type=134")
     deny("icmp6,icmp_type=137")
-    # Neighbour solicitations and advertisements may only carry the guest's MAC
-    # (or none), and advertisements only the guest's addresses (or link-local).
-    deny("icmp6,icmp_type=135")
-    deny("icmp6,icmp_type=136")
+    # Neighbour discovery on the untagged network: solicitations carry the guest's MAC
+    # (or no option) and come from its own addresses (or :: for DAD, without option);
+    # advertisements are for its own addresses and carry its MAC (or no option).
+    deny("icmp6,icmp_type=135", untagged_only=True)
+    deny("icmp6,icmp_type=136", untagged_only=True)
+    sources = v6_own if filter_ips else ("",)
+    targets = v6_own if filter_ips else ("",)
     for lladdr in (guest.mac, ZERO_MAC):
-        allow(f"icmp6,icmp_type=135,nd_sll={lladdr}", P_EXCEPT)
-        targets = (*guest.ipv6, "fe80::/64") if filter_ips else ("",)
+        for src in sources:
+            allow(f"icmp6,icmp_type=135,nd_sll={lladdr}" + (f",ipv6_src={src}" if src else ""),
+                  P_EXCEPT)
         for target in targets:
-            allow(f"icmp6,icmp_type=136,nd_tll={lladdr}"
-                  + (f",nd_target={target}" if target else ""), P_EXCEPT)
+            allow(f"icmp6,icmp_type=136,nd_tll={lladdr}" + (f",nd_target={target}" if target else ""),
+                  P_EXCEPT)
+    if filter_ips:
+        allow(f"icmp6,icmp_type=135,nd_sll={ZERO_MAC},ipv6_src=::", P_EXCEPT)  # DAD
     if not filter_ips:
         allow("ip")
         allow("ipv6")
@@ -104,10 +125,9 @@ def antispoof_flows(guest: Guest) -> list[str]:
     for addr in guest.ipv4:
         allow(f"ip,nw_src={addr}")
     allow("udp,nw_src=0.0.0.0,tp_src=68,tp_dst=67")  # DHCP discover/request
-    for addr in guest.ipv6:
-        allow(f"ipv6,ipv6_src={addr}")
-    allow("ipv6,ipv6_src=fe80::/10")                  # link-local: ND, RS, MLD, DHCPv6
-    for icmp_type in (133, 135, 143):                 # RS, DAD and MLDv2 from ::
+    for addr in v6_own:
+        allow(f"ipv6,ipv6_src={addr}")                # its addresses; link-local: RS, MLD, DHCPv6
+    for icmp_type in (133, 143):                      # RS and MLDv2 reports from ::
         allow(f"icmp6,ipv6_src=::,icmp_type={icmp_type}")
     return flows
 
@@ -148,12 +168,15 @@ class OpenFlow:
             raise OpenFlowError(f"ovs-ofctl {what}: {lines[-1] if lines else 'failed'}", done.stderr)
         return done.stdout
 
-    def add(self, bridge: str, cookie_value: int, flows: list[str]) -> None:
+    def add(self, bridge: str, cookie_value: int, flows: list[str], ofport: int) -> None:
         """All flows in one OpenFlow 1.4 bundle: all of them or none. A bridge whose
         `protocols` exclude OpenFlow 1.4 gets them one by one, catch-all drop first
         (the tap is still down, so nothing passes in between; a failure part-way is
         rolled back by cookie like any other)."""
-        text = "".join(f"cookie=0x{cookie_value:016x},{flow}\n" for flow in flows)
+        text = "".join(f"add cookie=0x{cookie_value:016x},{flow}\n" for flow in flows)
+        # First, in the same bundle: flows another NIC of ours left on this port number
+        # (its ifdown never ran) would otherwise apply to this guest.
+        text = f"delete in_port={ofport},{PREFIX_MATCH}\n" + text
         try:
             self._run("add-flows", ["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge),
                                     "-"], text)

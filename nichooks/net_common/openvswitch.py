@@ -148,7 +148,7 @@ class OvsFlows:
     mac: str
     ipv4: tuple[str, ...]
     ipv6: tuple[str, ...]
-    trunks: bool
+    trunks: tuple[int, ...]
     mode: str
     kind: str = "ovs.flows"
 
@@ -165,7 +165,7 @@ class OvsFlows:
     def as_data(self) -> dict[str, Any]:
         return {"step": "ovs.flows", "bridge": self.bridge, "port": self.port,
                 "cookie": f"0x{self.cookie:016x}", "mac": self.mac, "ipv4": list(self.ipv4),
-                "ipv6": list(self.ipv6), "tagged_allowed": self.trunks, "mode": self.mode}
+                "ipv6": list(self.ipv6), "tagged_allowed": list(self.trunks), "mode": self.mode}
 
     def prepare(self, net: Host) -> Record:
         return Record(kind=self.kind, step=self.describe(),
@@ -178,8 +178,9 @@ class OvsFlows:
         return int(port.ofport)
 
     def apply(self, net: Host) -> dict[str, Any]:
-        flows = antispoof_flows(self.guest(self._ofport(net)))
-        net.openflow().add(self.bridge, self.cookie, flows)
+        ofport = self._ofport(net)
+        flows = antispoof_flows(self.guest(ofport))
+        net.openflow().add(self.bridge, self.cookie, flows, ofport)
         return {"flows": len(flows)}
 
     def verify(self, net: Host) -> str | None:
@@ -214,8 +215,10 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
         bridge = ovsdb.bridge(nic.link)
         if bridge is None:
             raise _fail(nic, _describe_non_ovs(net, nic, nic.link))
-    except db.OvsdbError as exc:
-        raise PlumbingError(str(exc), nic=label, step="preflight") from None
+    except PlumbingError:
+        raise
+    except Exception as exc:  # OvsdbError, or the ovs library refusing (an older schema)
+        raise PlumbingError(str(exc) or type(exc).__name__, nic=label, step="preflight") from None
     tap = net.find(nic.tap)
     if tap is None:
         raise _fail(nic, f"tap {nic.tap} does not exist")
@@ -246,7 +249,7 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     else:
         v4, v6 = guest_addresses(nic)
         steps.append(OvsFlows(bridge=nic.link, port=nic.tap, cookie=cookie(nic.key),
-                              mac=nic.mac, ipv4=v4, ipv6=v6, trunks=bool(trunks),
+                              mac=nic.mac, ipv4=v4, ipv6=v6, trunks=trunks,
                               mode=settings.ovs_antispoof))
     steps.append(SetLink(nic.tap, "up", True))
     return Plan(mode="openvswitch", nic_label=label, steps=steps, notes=notes)

@@ -268,7 +268,11 @@ class Ovsdb:
         def build(txn: Any) -> None:
             row = self._row("Port", name)
             if row is not None and str(row.uuid) == info.uuid:
-                row.verify("external_ids")
+                # Enforced by the server: the port is still ours when the delete runs.
+                txn.add_op({"op": "wait", "table": "Port", "timeout": 0,
+                            "where": [["_uuid", "==", ["uuid", info.uuid]]],
+                            "columns": ["external_ids"], "until": "==",
+                            "rows": [{"external_ids": ["map", sorted(info.external_ids.items())]}]})
                 txn.add_op(_detach_op(info.uuid))
 
         seqno = self._transact(build, f"delete port {name}")
@@ -283,7 +287,11 @@ class Ovsdb:
         while True:
             txn = ovs.db.idl.Transaction(self._idl)
             txn.add_comment(f"nichooks: {what}")
-            build(txn)
+            try:
+                build(txn)
+            except BaseException:
+                txn.abort()  # else the IDL keeps it as its open transaction, unusable after
+                raise
             root = next(iter(self._rows("Open_vSwitch")), None)
             if root is None:
                 txn.abort()

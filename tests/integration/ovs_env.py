@@ -90,7 +90,11 @@ class Switch:
             _kill(pid)
 
     def __enter__(self) -> Switch:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -58,3 +58,13 @@ def neighbour_advert(src: str, target: str, mac: str) -> bytes:
 
 def router_advert(src: str) -> bytes:
     return icmp6(src, "ff02::1", 134, struct.pack("!BBHII", 64, 0, 1800, 0, 0))
+
+
+def neighbour_solicit(src: str, target: str, mac: str | None) -> bytes:
+    """A multicast NS for `target`, with source link-layer option `mac` (None: without)."""
+    body = bytes(4) + ipaddress.IPv6Address(target).packed
+    if mac is not None:
+        body += struct.pack("!BB", 1, 1) + mac_bytes(mac)
+    solicited = ipaddress.IPv6Address("ff02::1:ff00:0").packed[:13] + \
+        ipaddress.IPv6Address(target).packed[13:]
+    return icmp6(src, str(ipaddress.IPv6Address(solicited)), 135, body)

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ovs-vswitchd").exists(),
 @pytest.fixture
 def switch(netns: Netns, tmp_path: Path) -> Iterator[Switch]:
     sw = Switch(netns, tmp_path)
-    sw.start()
     try:
+        sw.start()
         sw.add_bridge("br0")
         yield sw
     finally:
@@ -193,6 +193,12 @@ def test_forged_frames_never_arrive(switch: Switch, dirs: tuple[Path, Path]) -> 
     def arp(sha: str, spa: str, src_mac: str | None = None) -> bytes:
         return pk.ethernet(b.mac, src_mac or a.mac, 0x0806, pk.arp(2, sha, spa, b.mac, "10.0.0.2"))
 
+    b_ll = "fe80::5054:ff:fe00:b"
+
+    def ns(src: str, mac: str) -> bytes:
+        return pk.ethernet("33:33:ff:00:00:99", a.mac, 0x86DD,
+                           pk.neighbour_solicit(src, "2001:db8:1::99", mac))
+
     def na(target: str, marker_src: str = a_ll) -> bytes:
         return pk.ethernet(pk.BROADCAST, a.mac, 0x86DD, pk.neighbour_advert(marker_src, target, a.mac))
 
@@ -211,6 +217,11 @@ def test_forged_frames_never_arrive(switch: Switch, dirs: tuple[Path, Path]) -> 
         pk.ethernet(pk.BROADCAST, a.mac, 0x0800,
                     pk.udp4("0.0.0.0", "255.255.255.255", 68, 67, b"NH-dhcp-discover")),
         pk.ethernet(b.mac, a.mac, 0x0800, pk.udp4("10.0.0.1", "10.0.0.2", 67, 68, b"NH-dhcp-offer")),
+        pk.ethernet(b.mac, a.mac, 0x0800, pk.udp4("10.0.0.1", "10.0.0.2", 1234, 68, b"NH-dhcp-odd")),
+        na(b_ll),                                 # claims b's link-local address
+        ns(a_global, a.mac),                      # honest solicitation
+        ns(b_global, a.mac),                      # "from" b's address with a's MAC
+        ns(b_ll, a.mac),                          # "from" b's link-local address
     ])
     frames = [frame for _vid, frame in capture.frames()]
 
@@ -226,9 +237,15 @@ def test_forged_frames_never_arrive(switch: Switch, dirs: tuple[Path, Path]) -> 
     nas = [f for f in frames if f[12:14] == b"\x86\xdd" and f[20] == 58 and f[54] == 136
            and f[6:12] == pk.mac_bytes(a.mac)]
     assert [ipaddress.IPv6Address(f[62:78]) for f in nas] == [ipaddress.IPv6Address(a_global)]
+    # (b's link-local NA is dropped too: only the one honest NA arrived)
     assert count(lambda f: f[12:14] == b"\x86\xdd" and f[20] == 58 and f[54] == 134) == 0
     assert count(lambda f: b"NH-dhcp-discover" in f) == 1
     assert count(lambda f: b"NH-dhcp-offer" in f) == 0
+    assert count(lambda f: b"NH-dhcp-odd" in f) == 0
+    nss = [ipaddress.IPv6Address(f[22:38]) for f in frames
+           if f[12:14] == b"\x86\xdd" and f[20] == 58 and f[54] == 135
+           and f[62:78] == ipaddress.IPv6Address("2001:db8:1::99").packed]
+    assert nss == [ipaddress.IPv6Address(a_global)]
 
     # And with a real stack: an address the NIC was not given gets nothing through.
     a.ns.ip("addr", "add", "10.0.0.9/24", "dev", "eth0")
@@ -456,3 +473,31 @@ def test_bridge_without_openflow14_gets_the_flows_one_by_one(switch: Switch,
     unplug(switch, dirs, a)
     unplug(switch, dirs, b)
     assert switch.our_flows("br0") == []
+
+
+def test_hybrid_port_cannot_bypass_the_checks_by_tagging(switch: Switch, dirs: tuple[Path, Path]) -> None:
+    """On `.100:200` OVS takes frames tagged 100 (the native VLAN) or 0 into VLAN 100:
+    they must get the untagged checks, not a tagged-frame pass."""
+    h = switch.add_guest("taph", "52:54:00:00:00:0a", "10.0.1.1/24")
+    v100 = switch.add_guest("tapv", "52:54:00:00:00:0b", "10.0.1.2/24")
+    v200 = switch.add_guest("tapw", "52:54:00:00:00:0c", "10.0.2.2/24")
+    plug(switch, dirs, h, VLAN=".100:200")
+    plug(switch, dirs, v100, VLAN=".100")
+    plug(switch, dirs, v200, VLAN=".200")
+    c100, c200 = Capture(v100), Capture(v200)
+
+    def udp(dst: Guest, src_ip: str, marker: bytes, vid: int | None) -> bytes:
+        assert dst.ip4 is not None
+        return pk.ethernet(dst.mac, h.mac, 0x0800, pk.udp4(src_ip, dst.ip4, 9, 9, marker), vid=vid)
+
+    send_frames(h, [
+        udp(v100, "10.0.1.1", b"NH-native-honest", None),
+        udp(v100, "10.0.1.66", b"NH-native-forged-tag100", 100),
+        udp(v100, "10.0.1.66", b"NH-native-forged-tag0", 0),
+        udp(v100, "10.0.1.66", b"NH-native-forged-untagged", None),
+        udp(v200, "10.0.2.1", b"NH-trunk-200", 200),
+    ])
+    got100 = [f for _v, f in c100.frames()]
+    assert sum(b"NH-native-honest" in f for f in got100) == 1
+    assert sum(b"NH-native-forged" in f for f in got100) == 0
+    assert sum(b"NH-trunk-200" in f for f, in ((f,) for _v, f in c200.frames())) == 1

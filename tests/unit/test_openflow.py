@@ -42,7 +42,15 @@ def test_known_addresses_are_the_only_sources() -> None:
     assert any(f"arp,arp_sha={MAC},arp_spa=10.0.0.1" in f for f in flows)
     assert not any(f.endswith("ip,actions=NORMAL") or ",ip,actions" in f for f in flows)
     nas = [f for f in flows if "icmp_type=136" in f and f.startswith(f"priority={P_EXCEPT}")]
-    assert {t.split("nd_target=")[1].split(",")[0] for t in nas} == {"2001:db8::1", "fe80::/64"}
+    # its own addresses and its own EUI-64 link-local address, nothing else
+    assert {t.split("nd_target=")[1].split(",")[0] for t in nas} == {"2001:db8::1",
+                                                                      "fe80::5054:ff:fe00:a"}
+    nss = [f for f in flows if "icmp_type=135" in f and f.startswith(f"priority={P_EXCEPT}")]
+    assert {f.split("ipv6_src=")[1].split(",")[0] for f in nss} == {
+        "2001:db8::1", "fe80::5054:ff:fe00:a", "::"}
+    assert [f for f in nss if "ipv6_src=::," in f + ","] == [
+        f for f in nss if "nd_sll=00:00:00:00:00:00" in f and "ipv6_src=::," in f + ","]
+    assert any(f.startswith(f"priority={P_DENY}") and "udp,tp_dst=68" in f for f in flows)
     assert any(f.startswith(f"priority={P_DENY}") and "icmp_type=134" in f for f in flows)
 
 
@@ -53,11 +61,13 @@ def test_without_addresses_or_in_mac_mode_any_ip_from_the_mac() -> None:
         assert not any("nw_src=10.0.0.1" in f for f in flows)
 
 
-@pytest.mark.parametrize("trunks", [False, True])
-def test_tagged_frames_only_on_trunks(trunks: bool) -> None:
+@pytest.mark.parametrize("trunks", [(), (200, 300)])
+def test_tagged_frames_only_on_the_trunks_asked_for(trunks: tuple[int, ...]) -> None:
     flows = antispoof_flows(Guest(ofport=1, mac=MAC, trunks=trunks))
     tagged = [f for f in flows if f.startswith(f"priority={P_TAGGED}")]
-    assert bool(tagged) == trunks
+    # one exact VID each: never VID 0 or the native VLAN, which OVS would treat as untagged
+    assert [f.split("vlan_tci=")[1].split(",")[0] for f in tagged] == [
+        f"0x{0x1000 | vid:04x}/0x1fff" for vid in trunks]
     # every other allow is for untagged frames only
     assert all("vlan_tci=0x0000/0x1000" in f for f in flows
                if f.endswith("NORMAL") and f not in tagged)
