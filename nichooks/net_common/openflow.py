@@ -16,7 +16,6 @@ whatever the port number is by then (Neutron's habit).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -63,10 +62,9 @@ class Guest:
     @property
     def link_local(self) -> str:
         """The guest's EUI-64 link-local address (what the kernel derives by default)."""
-        octets = [int(x, 16) for x in self.mac.split(":")]
-        octets[0] ^= 0x02
-        iid = bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]])
-        return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+        from nichooks.net_common.routed import eui64
+
+        return eui64("fe80::/64", self.mac)
 
 
 def antispoof_flows(guest: Guest) -> list[str]:
