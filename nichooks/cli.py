@@ -1,4 +1,5 @@
-"""`nichooks` subcommands for operators: plan, status, try, and the hooks by name."""
+"""`nichooks` subcommands for operators: plan, status, verify, sweep, agent, try, and the
+hooks by name."""
 
 from __future__ import annotations
 
@@ -85,6 +86,74 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from nichooks import settings as settingsmod
+    from nichooks.log import HookLog
+    from nichooks.reconcile import sweep
+
+    settings = settingsmod.load(os.environ)
+    log = HookLog(verbose=args.verbose or settings.debug, context="sweep")
+    actions = sweep(settings, dry_run=args.dry_run, log=log)
+    for action in actions:
+        print(action.line())
+    failed = [a for a in actions if a.what in ("failed", "corrupt")]
+    print(f"sweep{' (dry run)' if args.dry_run else ''}: {len(actions)} findings, "
+          f"{len(failed)} failed")
+    return EXIT_PLUMBING if failed else EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from nichooks import settings as settingsmod
+    from nichooks.host import Host
+    from nichooks.journal import CorruptJournal, Store
+    from nichooks.log import HookLog
+    from nichooks.plan import load_backends
+    from nichooks.reconcile import drift, label, locked, repair, select
+
+    load_backends()
+    settings = settingsmod.load(os.environ)
+    store = Store(settings.state_dir)
+    log = HookLog(verbose=args.verbose or settings.debug, context="verify")
+    net = Host(settings)
+    drifted = 0
+    try:
+        keys = select(store, args.nic)
+        for key in keys:
+            with locked(store, key, settings.lock_timeout):
+                try:
+                    journal = store.load(key)
+                except CorruptJournal as exc:
+                    drifted += 1
+                    print(f"DRIFT {key}: unreadable journal: {exc}")
+                    continue
+                if journal is None:
+                    continue
+                found = drift(net, settings, journal)
+                if found and args.repair:
+                    for action in repair(store, net, settings, key, log):
+                        print(f"  {action.line()}")
+                    journal = store.load(key) or journal
+                    found = drift(net, settings, journal)
+            if found:
+                drifted += 1
+                print(f"DRIFT {label(journal)}")
+                for line in found:
+                    print(f"    {line}")
+            else:
+                print(f"ok    {label(journal)}")
+    finally:
+        net.close()
+    if not keys:
+        print(f"no NICs journaled in {store.nics}")
+    return EXIT_PLUMBING if drifted else EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from nichooks.agent import main as agent_main
+
+    return agent_main(foreground=args.foreground, verbose=args.verbose)
+
+
 def _announce(args: argparse.Namespace) -> int:
     from nichooks.hooks import Request, announce_now
 
@@ -131,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="journaled NICs and whether each item is still in place")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("sweep", help="reconcile every journal with the kernel and OVSDB: undo "
+                       "NICs whose device is gone, retry failed undos, delete orphan OVS ports/flows")
+    p.add_argument("--dry-run", action="store_true", help="report what would be done, do nothing")
+    p.set_defaults(fn=_sweep)
+    p = sub.add_parser("verify", help="read back every journaled item; exit 1 on drift")
+    p.add_argument("nic", nargs="?", help="a tap name or NIC UUID (default: every NIC)")
+    p.add_argument("--repair", action="store_true",
+                   help="re-apply, from the journal, what no longer reads back")
+    p.set_defaults(fn=_verify)
+    p = sub.add_parser("agent", help="watch for NICs that vanish without an ifdown and for "
+                       "plumbing someone else removed; undo or re-apply from the journals")
+    p.add_argument("--foreground", action="store_true",
+                   help="do not daemonize; log to stderr (for systemd)")
+    p.set_defaults(fn=_agent)
     p = sub.add_parser("announce", help="routed NIC on a migration target after switchover: "
                        "add the held-back uplink proxy entries and announce the addresses")
     p.add_argument("tap")

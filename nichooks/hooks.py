@@ -245,7 +245,7 @@ def ifup(request: Request) -> None:
                    fault=request.env.get("NICHOOKS_TEST_FAULT", ""))
             _verify(store, net, nic, plan, journal, log, len(carried))
             announce(plan.announcements, log)
-            failures = _run_custom(settings, nic.tap, request.env, nic.variables, "up",
+            failures = run_custom(settings, nic.tap, request.env, nic.variables, "up",
                                    context, log, stop_on_failure=True)
             if failures:
                 _rollback(store, net, nic, journal, log, len(carried),
@@ -325,7 +325,7 @@ def _rollback(store: Store, net: Host, nic: nicmod.Nic, journal: Journal, log: H
     raise PlumbingError(cause, nic=nic.label(), step=step)
 
 
-def _run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
+def run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
                 variables: Mapping[str, str], action: str, context: str, log: HookLog,
                 *, stop_on_failure: bool) -> list[ScriptFailure]:
     from nichooks import custom
@@ -456,7 +456,7 @@ def ifdown(request: Request) -> list[str]:
     finally:
         net.close()
     tap = tap or variables.get("INTERFACE") or ""
-    for failure in _run_custom(settings, tap, request.env, variables, "down", context, log,
+    for failure in run_custom(settings, tap, request.env, variables, "down", context, log,
                                stop_on_failure=False):
         warnings.append(f"{tap}: custom script: {failure.reason}")
     return warnings

@@ -182,7 +182,7 @@ class Store:
         os.replace(self.path(key), dest)
         return dest
 
-    def keys(self) -> list[str]:
+    def journal_keys(self) -> list[str]:
         try:
             names = os.listdir(self.nics)
         except FileNotFoundError:
@@ -191,7 +191,7 @@ class Store:
 
     def journals(self) -> Iterator[tuple[str, Journal | None]]:
         """Every journal; None for one that cannot be read."""
-        for key in self.keys():
+        for key in self.journal_keys():
             try:
                 yield key, self.load(key)
             except CorruptJournal:

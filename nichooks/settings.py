@@ -34,6 +34,8 @@ DEFAULTS: dict[str, str] = {
     "NICHOOKS_OVS_TIMEOUT": "10",
     "NICHOOKS_OVS_ANTISPOOF": "on",
     "NICHOOKS_OVS_MTU": "",
+    # the agent
+    "NICHOOKS_AGENT_INTERVAL": "2",
 }
 
 _TRUE = ("1", "yes", "true", "on")
@@ -62,6 +64,7 @@ class Settings:
     ovs_timeout: float
     ovs_antispoof: str  # on (MAC and known IPs), mac (MAC only), off
     ovs_mtu: int | None  # None: the bridge's MTU
+    agent_interval: float
     sources: Mapping[str, str]  # setting -> "env", "file <path>" or "default"
 
     @property
@@ -185,5 +188,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
                               ("on", "mac", "off")),
         ovs_mtu=(_int("NICHOOKS_OVS_MTU", values["NICHOOKS_OVS_MTU"], 68, 65535)
                  if values["NICHOOKS_OVS_MTU"] else None),
+        agent_interval=_number("NICHOOKS_AGENT_INTERVAL", values["NICHOOKS_AGENT_INTERVAL"],
+                               sources["NICHOOKS_AGENT_INTERVAL"]),
         sources=sources,
     )

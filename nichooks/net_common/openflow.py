@@ -186,8 +186,18 @@ class OpenFlow:
     def delete(self, bridge: str, cookie_value: int) -> None:
         self._run("del-flows", ["del-flows", self.target(bridge), cookie_match(cookie_value)])
 
+    def cookies(self, bridge: str) -> set[int]:
+        """The cookies of every flow of ours on the bridge (any NIC)."""
+        out = self._run("dump-flows", ["--no-stats", "dump-flows", self.target(bridge), PREFIX_MATCH])
+        found = set()
+        for line in out.splitlines():
+            for part in line.replace(",", " ").split():
+                if part.startswith("cookie="):
+                    found.add(int(part[7:], 16))
+        return found
+
     def dump(self, bridge: str, cookie_value: int) -> list[str]:
-        out = self._run("dump-flows", ["--no-stats", "dump-flows", self.target(bridge),
+        out = self._run("dump-flows", ["--no-stats", "--no-names", "dump-flows", self.target(bridge),
                                        cookie_match(cookie_value)])
         return [line.strip() for line in out.splitlines() if "cookie=" in line]
 

@@ -351,6 +351,34 @@ def _detach_op(port_uuid: str) -> dict[str, Any]:
 def fetch_schema(remote: str, deadline: float) -> Any:
     """The server's Open_vSwitch schema, over a plain socket with the stdlib's C JSON
     parser (the `ovs` package's pure-Python parser takes ~15 ms on it)."""
+    return _rpc(remote, "get_schema", ["Open_vSwitch"], deadline)
+
+
+def owned_ports(remote: str, deadline: float) -> list[tuple[str, str, str]]:
+    """(port name, owner key, port UUID) of every port carrying our owner mark, on any
+    bridge. One read-only `select`: a sweep after a reboot must find ports whose
+    journals went with /run, and it needs no IDL replica of every port for that."""
+    result = _rpc(remote, "transact", ["Open_vSwitch", {
+        "op": "select", "table": "Port", "where": [],
+        "columns": ["_uuid", "name", "external_ids"]}], deadline)
+    if not isinstance(result, list) or not result or "rows" not in result[0]:
+        raise OvsdbError(f"{remote}: unexpected reply to select: {result!r:.120}")
+    out = []
+    for row in result[0]["rows"]:
+        ids = dict(row.get("external_ids", ["map", []])[1])
+        if OWNER in ids:
+            out.append((str(row["name"]), str(ids[OWNER]), str(row["_uuid"][1])))
+    return out
+
+
+def bridge_names(remote: str, deadline: float) -> list[str]:
+    result = _rpc(remote, "transact", ["Open_vSwitch", {
+        "op": "select", "table": "Bridge", "where": [], "columns": ["name"]}], deadline)
+    return sorted(str(row["name"]) for row in result[0]["rows"])
+
+
+def _rpc(remote: str, method: str, params: list[Any], deadline: float) -> Any:
+    """One JSON-RPC request on a fresh connection; its result or OvsdbError."""
     kind, _, where = remote.partition(":")
     try:
         if kind == "unix":
@@ -367,8 +395,7 @@ def fetch_schema(remote: str, deadline: float) -> Any:
         with sock:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.connect(address)
-            request = {"method": "get_schema", "params": ["Open_vSwitch"], "id": 0}
-            sock.sendall(json.dumps(request).encode())
+            sock.sendall(json.dumps({"method": method, "params": params, "id": 0}).encode())
             buffer = b""
             decoder = json.JSONDecoder()
             while True:
@@ -382,7 +409,11 @@ def fetch_schema(remote: str, deadline: float) -> Any:
                 except (ValueError, UnicodeDecodeError):
                     continue
                 if reply.get("error"):
-                    raise OvsdbError(f"{remote}: get_schema failed: {reply['error']}")
+                    raise OvsdbError(f"{remote}: {method} failed: {reply['error']}")
+                if method == "transact":
+                    for op in reply.get("result") or []:
+                        if isinstance(op, dict) and op.get("error"):
+                            raise OvsdbError(f"{remote}: {method} failed: {op['error']}")
                 return reply["result"]
     except TimeoutError:
         raise OvsdbError(f"no answer from the OVSDB at {remote} within the timeout") from None

@@ -37,7 +37,7 @@ def test_roundtrip_and_layout(store: Store) -> None:
     assert os.listdir(store.tmp) == []
     loaded = store.load(KEY)
     assert loaded is not None and loaded.to_json() == saved.to_json()
-    assert store.keys() == [KEY]
+    assert store.journal_keys() == [KEY]
 
 
 def test_crash_before_rename_keeps_the_old_journal(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +76,7 @@ def test_corrupt_journals_are_reported_not_crashed_on(store: Store, content: byt
         store.load(KEY)
     assert list(store.journals()) == [(KEY, None)]
     dest = store.quarantine(KEY)
-    assert dest.read_bytes() == content and store.keys() == []
+    assert dest.read_bytes() == content and store.journal_keys() == []
 
 
 @settings(max_examples=200, deadline=None)
@@ -95,7 +95,7 @@ def test_only_journals_count_as_keys(store: Store) -> None:
     (store.nics / "README").write_text("x")
     (store.nics / "../nics/..json").write_text("x")
     store.save(journal())
-    assert store.keys() == [KEY]
+    assert store.journal_keys() == [KEY]
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "", KEY.upper(), KEY + "/x", KEY[:-1]])

@@ -1,0 +1,317 @@
+"""`nichooks agent`: the long-lived watcher that finishes what no ifdown will.
+
+Released Ganeti never calls an ifdown: a tap vanishes with its QEMU and leaves its
+rules, routes, proxy entries, OVS port and flows behind. The agent reads the kernel's
+link events and, for a journaled device that disappears, runs the NIC's undo (context
+`vanished`) within milliseconds. It also puts back what someone else took away while
+a NIC is live, from the journal: a tap detached from its bridge or a bridge deleted
+and created again, an uplink whose proxy entries went with a down/up, an OVS port a
+foreign `del-port` removed, flows an ovs-vswitchd restart dropped. Link events are
+handled as they come; OVS is checked every NICHOOKS_AGENT_INTERVAL seconds (one
+OVSDB select and one flow dump per bridge, whatever the number of NICs). It sweeps
+when it starts, after any lost event, and every SWEEP_EVERY intervals.
+
+Every action holds the NIC's locks and is decided from the journal's ifindex, so the
+agent never touches a newer plug on a reused tap name. Hooks never start the agent
+(DESIGN §4): systemd does (share/nichooks-agent.service).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+from nichooks import settings as settingsmod
+from nichooks.errors import EXIT_OK, LockTimeout, PlumbingError
+from nichooks.host import Host
+from nichooks.journal import CorruptJournal, Journal, Store
+from nichooks.log import HookLog
+from nichooks.net_common.linkwatch import LinkEvent, LinkWatch, Overflow
+from nichooks.plan import load_backends
+from nichooks.reconcile import Action, Teardown, locked, ovs_present, repair, run_teardowns, settle, sweep
+
+SWEEP_EVERY = 15      # intervals between full sweeps (events lost without ENOBUFS)
+BURST = 0.02          # seconds to gather a burst of events before acting on it
+BUSY_RETRY = 0.25     # a NIC a hook holds is looked at again after this long
+LOCK_WAIT = 0.5       # how long the agent waits for a hook to finish with a NIC
+
+
+class Agent:
+    def __init__(self, settings: settingsmod.Settings, *, verbose: bool = False) -> None:
+        self.settings = settings
+        self.verbose = verbose
+        self.store = Store(settings.state_dir)
+        self.store.ensure()
+        self.net = Host(settings)
+        self.watch = LinkWatch()
+        self.stopping = False
+        # device name -> (ifindex, up) of bridges and uplinks journals refer to
+        self.seen: dict[str, tuple[int, bool]] = {}
+        self.refs: dict[str, set[str]] = {}
+        self.refs_stamp = -1
+        self.later: dict[tuple[str, int | None], float] = {}  # (key, vanished index) -> when
+        load_backends()
+
+    def log(self, **fields: object) -> HookLog:
+        return HookLog(verbose=self.verbose, context="agent", **fields)
+
+    def report(self, actions: list[Action]) -> None:
+        log = self.log()
+        for action in actions:
+            (log.info if action.ok else log.error)("agent", nic=action.nic, result=action.what,
+                                                    detail=action.detail)
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, wakeup: int | None = None) -> None:
+        self.full_pass("start")
+        next_tick = time.monotonic() + self.settings.agent_interval
+        ticks = 0
+        while not self.stopping:
+            timeout = max(0.0, min(next_tick, self._next_retry()) - time.monotonic())
+            fds = [self.watch.fileno()] + ([wakeup] if wakeup is not None else [])
+            ready = select.select(fds, [], [], timeout)[0]
+            if wakeup is not None and wakeup in ready:
+                os.read(wakeup, 512)
+            if self.stopping:
+                break
+            if self.watch.fileno() in ready:
+                try:
+                    events = self.watch.read()
+                    time.sleep(BURST)
+                    events += self.watch.read()
+                except Overflow:
+                    self.log().warning("agent", result="events lost (ENOBUFS)", action="full sweep")
+                    self.full_pass("overflow")
+                    continue
+                self.handle(events)
+            self._run_retries()
+            if time.monotonic() >= next_tick:
+                ticks += 1
+                if ticks % SWEEP_EVERY == 0:
+                    self.full_pass("periodic")
+                else:
+                    self.check_ovs()
+                next_tick = time.monotonic() + self.settings.agent_interval
+
+    def close(self) -> None:
+        self.watch.close()
+        self.net.close()
+
+    # -- what the agent does -----------------------------------------------------------
+    def full_pass(self, why: str) -> None:
+        """Sweep, then re-apply drift on every live NIC."""
+        self.report(sweep(self.settings, dry_run=False, log=self.log(why=why)))
+        self._refresh_refs(force=True)
+        for key in self.store.journal_keys():
+            self.repair(key)
+        self.check_ovs()
+
+    def handle(self, events: list[LinkEvent]) -> None:
+        vanished: dict[str, int] = {}
+        touched: set[str] = set()
+        for event in events:
+            if event.deleted:
+                vanished[event.name] = event.index
+                self.seen[event.name] = (0, False)
+                touched.discard(event.name)
+            else:
+                touched.add(event.name)
+        for name, index in vanished.items():
+            key = self.store.tap_owner(name)
+            if key:
+                self.vanish(key, index)
+        if not touched:
+            return
+        self._refresh_refs()
+        repairs: set[str] = set()
+        for name in touched:
+            key = self.store.tap_owner(name)
+            if key:
+                repairs.add(key)  # the tap itself changed: master, up, MTU
+            if name in self.refs:
+                state = self.net.find(name)
+                now = (state.index, state.up) if state else (0, False)
+                before = self.seen.get(name)
+                self.seen[name] = now
+                if before is not None and now[0] and (now[0] != before[0] or (now[1] and not before[1])):
+                    repairs |= self.refs[name]  # re-created, or up again: re-apply its NICs
+        for key in sorted(repairs):
+            self.repair(key)
+
+    def vanish(self, key: str, index: int | None) -> None:
+        """Undo the NIC whose device (by ifindex) is gone, unless a newer plug owns it."""
+        log = self.log(uuid=key)
+        teardown: Teardown | None = None
+        try:
+            with locked(self.store, key, LOCK_WAIT):
+                actions, teardown = settle(self.store, self.net, key, log, only_index=index)
+        except LockTimeout:
+            self.later[(key, index)] = time.monotonic() + BUSY_RETRY
+            return
+        except Exception as exc:  # the agent outlives any one NIC's failure
+            self._reset_ovsdb()
+            log.error("agent", result="undo failed", cause=str(exc) or type(exc).__name__)
+            return
+        self.report(actions)
+        if teardown:
+            run_teardowns(self.settings, [teardown], log)
+
+    def repair(self, key: str) -> None:
+        log = self.log(uuid=key)
+        try:
+            with locked(self.store, key, 0.05):
+                actions = repair(self.store, self.net, self.settings, key, log)
+        except LockTimeout:
+            return  # a hook is working on the NIC and verifies it itself
+        except CorruptJournal:
+            return  # the next sweep moves it aside
+        except Exception as exc:
+            self._reset_ovsdb()
+            log.error("agent", result="repair failed", cause=str(exc) or type(exc).__name__)
+            return
+        self.report(actions)
+        if any(not a.ok for a in actions):
+            self.later[(key, -1)] = time.monotonic() + self.settings.agent_interval
+
+    def check_ovs(self) -> None:
+        """Every journaled OVS port still there with our mark, and our flows on it; a
+        NIC missing either is repaired. Costs one OVSDB select and one flow dump per
+        bridge, however many NICs there are."""
+        journals = [j for _k, j in self.store.journals()
+                    if j is not None and j.mode == "openvswitch" and j.state == "applied"]
+        if not journals or not ovs_present(self.settings):
+            return
+        from nichooks.net_common import ovsdb as db
+
+        deadline = time.monotonic() + self.settings.ovs_timeout
+        try:
+            ports = {(name, owner) for name, owner, _u in db.owned_ports(self.settings.ovsdb, deadline)}
+            openflow = self.net.openflow()
+            cookies: dict[str, set[int]] = {}
+            for bridge in {r.undo["bridge"] for j in journals for r in j.records
+                           if r.kind == "ovs.flows"}:
+                cookies[bridge] = openflow.cookies(bridge) if openflow.exists(bridge) else set()
+        except Exception as exc:
+            self.log().warning("agent", result="cannot read Open vSwitch", cause=str(exc))
+            self._reset_ovsdb()
+            return
+        for journal in journals:
+            if _ovs_missing(journal, ports, cookies):
+                self.repair(journal.key)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _refresh_refs(self, force: bool = False) -> None:
+        """Which bridges and uplinks each journal depends on (re-read only when a journal
+        was written since)."""
+        try:
+            stamp = os.stat(self.store.nics).st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
+        if stamp == self.refs_stamp and not force:
+            return
+        self.refs_stamp = stamp
+        refs: dict[str, set[str]] = {}
+        for key, journal in self.store.journals():
+            if journal is not None:
+                for name in _depends_on(journal):
+                    refs.setdefault(name, set()).add(key)
+        self.refs = refs
+        for name in refs:
+            if name not in self.seen:
+                state = self.net.find(name)
+                self.seen[name] = (state.index, state.up) if state else (0, False)
+
+    def _next_retry(self) -> float:
+        return min(self.later.values(), default=float("inf"))
+
+    def _run_retries(self) -> None:
+        now = time.monotonic()
+        due = [k for k, when in self.later.items() if when <= now]
+        for key, index in due:
+            del self.later[(key, index)]
+            if index == -1:
+                self.repair(key)
+            else:
+                self.vanish(key, index)
+
+    def _reset_ovsdb(self) -> None:
+        """After an OVSDB error the IDL connection may be dead (ovsdb-server restarted):
+        open a fresh one on next use."""
+        try:
+            self.net.close()
+        except Exception:
+            pass
+        self.net = Host(self.settings)
+
+
+def _depends_on(journal: Journal) -> set[str]:
+    names = {journal.link} if journal.link and journal.mode in ("bridged", "openvswitch") else set()
+    for record in journal.records:
+        if record.kind == "route.proxy" and record.undo.get("dev") != journal.tap:
+            names.add(str(record.undo.get("dev")))
+    return names - {journal.tap, ""}
+
+
+def _ovs_missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:
+    for record in journal.records:
+        if record.status == "failed":
+            continue
+        if record.kind == "ovs.port" and (record.undo["port"], record.undo["owner"]) not in ports:
+            return True
+        if record.kind == "ovs.flows" and int(record.undo["cookie"]) not in cookies.get(
+                record.undo["bridge"], set()):
+            return True
+    return False
+
+
+# -- the process ---------------------------------------------------------------------------
+def _single_instance(state_dir: Path) -> int:
+    """An flock held for the agent's lifetime (it survives daemonizing: the child
+    inherits the open file)."""
+    path = state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = (state_dir / "agent.pid").read_text().strip() if (state_dir / "agent.pid").exists() else "?"
+        raise PlumbingError(f"another nichooks agent is running (pid {pid}, lock {path})",
+                            step="agent") from None
+    return fd
+
+
+def main(*, foreground: bool, verbose: bool) -> int:
+    settings = settingsmod.load(os.environ)
+    Store(settings.state_dir).ensure()
+    lock_fd = _single_instance(settings.state_dir)
+    if not foreground:
+        import daemon
+
+        context = daemon.DaemonContext(files_preserve=[lock_fd], working_directory="/",
+                                       umask=0o022, signal_map={})
+        context.open()
+    (settings.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    agent = Agent(settings, verbose=foreground or verbose)
+
+    def stop(_signum: int, _frame: object) -> None:
+        agent.stopping = True
+
+    signal.set_wakeup_fd(write_end)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    agent.log().info("agent", result="started", pid=os.getpid(), state_dir=settings.state_dir)
+    try:
+        agent.run(wakeup=read_end)
+    finally:
+        agent.log().info("agent", result="stopped")
+        agent.close()
+        try:
+            (settings.state_dir / "agent.pid").unlink()
+        except FileNotFoundError:
+            pass
+    return EXIT_OK

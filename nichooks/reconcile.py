@@ -1,0 +1,404 @@
+"""Late work on journals, after the hook that wrote them has gone: the sweep, verify,
+the undo of a NIC whose device vanished without an ifdown, and re-applying what
+someone else removed (a bridge re-created, a foreign `del-port`, a flushed uplink).
+
+Released Ganeti never calls an ifdown, so this is how most NICs end. Every function
+here holds the NIC's locks while it decides, and decides from the journal's ifindex
+whether the plug it would touch is still the one the journal describes: a soft reboot
+reuses the tap *name* within milliseconds, never the ifindex.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nichooks import nic as nicmod
+from nichooks import validate
+from nichooks.errors import InvalidInput, LockTimeout, NicHooksError, PlumbingError
+from nichooks.host import Host
+from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.log import HookLog
+from nichooks.plan import PRESENT, Step, load_backends
+from nichooks.settings import Settings
+
+PRESENT_DEVICE, GONE, RENAMED = "present", "gone", "renamed"
+BUSY_TIMEOUT = 2.0  # a sweep skips a NIC a hook holds for longer; the next sweep gets it
+
+
+@dataclass
+class Action:
+    """One thing a sweep, verify or the agent found or did, for the report."""
+
+    nic: str      # "instance tap (key)" or a port / bridge name
+    what: str     # undone, rolled-back, retried, orphan-port, orphan-flows, busy, corrupt,
+    #               kept, repaired, drift, failed
+    detail: str
+    ok: bool = True
+
+    def line(self) -> str:
+        return f"{self.what}: {self.nic}: {self.detail}"
+
+
+@dataclass
+class Teardown:
+    """A NIC undone late: its ifdown scripts still run, after the locks are released."""
+
+    tap: str
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+def label(journal: Journal) -> str:
+    return f"{journal.instance or '-'} {journal.tap} ({journal.key})"
+
+
+def device_state(net: Host, journal: Journal) -> str:
+    """Whether the device this plug was made on still exists. By ifindex: the same name
+    on another index is a newer device, and this plug's device is gone."""
+    if journal.ifindex is None:
+        return PRESENT_DEVICE if net.find(journal.tap) is not None else GONE
+    state = net.by_index(journal.ifindex)
+    if state is None:
+        return GONE
+    return PRESENT_DEVICE if state.name == journal.tap else RENAMED
+
+
+@contextmanager
+def locked(store: Store, key: str, timeout: float) -> Iterator[None]:
+    from nichooks.hooks import lock_nic
+
+    with ExitStack() as stack:
+        lock_nic(stack, store, key, None, timeout, key)
+        yield
+
+
+def _load(store: Store, key: str, dry_run: bool, log: HookLog) -> Journal | Action | None:
+    try:
+        return store.load(key)
+    except CorruptJournal as exc:
+        if dry_run:
+            return Action(key, "corrupt", f"unreadable journal ({exc}); would move it aside", ok=False)
+        dest = store.quarantine(key)
+        log.error("sweep", journal=key, result="corrupt", moved_to=dest)
+        return Action(key, "corrupt", f"unreadable journal ({exc}); moved to {dest}", ok=False)
+
+
+def undo_whole(store: Store, net: Host, journal: Journal, log: HookLog) -> list[Record]:
+    """Replay every record backwards; forget the journal, or keep what failed."""
+    from nichooks.hooks import undo_records
+
+    failed = undo_records(net, journal.records, log)
+    if failed:
+        journal.records, journal.state = failed, "undo-failed"
+        store.save(journal)
+    else:
+        store.delete(journal.key)
+        store.release_tap(journal.tap, journal.key)
+    return failed
+
+
+def _failed_text(failed: list[Record]) -> str:
+    return "; ".join(f"{r.step} ({r.error})" for r in failed)
+
+
+def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = False,
+           only_index: int | None = None) -> tuple[list[Action], Teardown | None]:
+    """Bring one journal in line with the host; the caller holds the NIC's locks.
+
+    - an ifup that never finished (state `applying` while we hold its lock: its
+      process died): roll it back;
+    - a device that is gone: undo the plug (context `vanished`);
+    - records whose undo failed before: retry them, unless a live record of the same
+      plug claims the same thing again.
+    `only_index`: the agent's case, act only if the journal's plug was on that ifindex.
+    """
+    loaded = _load(store, key, dry_run, log)
+    if loaded is None or isinstance(loaded, Action):
+        return ([loaded] if loaded else []), None
+    journal = loaded
+    name = label(journal)
+    if only_index is not None and journal.ifindex != only_index:
+        return [], None  # a newer plug of the NIC on a new device: not ours to touch
+    device = device_state(net, journal)
+    log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
+    if journal.state == "applying" or device == GONE:
+        what = "rolled-back" if journal.state == "applying" and device != GONE else "undone"
+        why = ("its ifup was interrupted" if what == "rolled-back"
+               else f"device {journal.tap} (ifindex {journal.ifindex}) is gone")
+        if dry_run:
+            return [Action(name, what, f"would undo {len(journal.records)} records: {why}")], None
+        log.info("sweep", result=what, cause=why, records=len(journal.records))
+        failed = undo_whole(store, net, journal, log)
+        if failed:
+            return [Action(name, "failed", f"{why}; could not undo: {_failed_text(failed)}",
+                           ok=False)], None
+        teardown = Teardown(journal.tap, dict(journal.variables)) if what == "undone" else None
+        return [Action(name, what, f"{why}; undid {len(journal.records)} records")], teardown
+    if device == RENAMED:
+        return [Action(name, "kept", f"ifindex {journal.ifindex} is no longer called "
+                       f"{journal.tap}; left alone", ok=False)], None
+    retry = [r for r in journal.records if r.status == "failed"
+             and not any(o is not r and o.status != "failed" and o.kind == r.kind
+                         and o.step == r.step for o in journal.records)]
+    if not retry:
+        return [], None
+    if dry_run:
+        return [Action(name, "retried", f"would retry {len(retry)} failed undo records")], None
+    from nichooks.hooks import undo_records
+
+    still = undo_records(net, retry, log)
+    journal.records = [r for r in journal.records if r not in retry or r in still]
+    store.save(journal)
+    if still:
+        return [Action(name, "failed", f"retried undo still fails: {_failed_text(still)}",
+                       ok=False)], None
+    return [Action(name, "retried", f"undid {len(retry)} records that had failed before")], None
+
+
+def run_teardowns(settings: Settings, teardowns: list[Teardown], log: HookLog) -> None:
+    """The administrator's ifdown scripts for NICs undone late, context `vanished`."""
+    import os
+
+    from nichooks.hooks import run_custom
+
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    for t in teardowns:
+        run_custom(settings, t.tap, env, t.variables, "down", "vanished", log,
+                   stop_on_failure=False)
+
+
+# -- sweep ---------------------------------------------------------------------------
+def sweep(settings: Settings, *, dry_run: bool, log: HookLog) -> list[Action]:
+    """Reconcile every journal with the kernel and OVSDB (`nichooks sweep`, and the
+    agent when it starts)."""
+    load_backends()
+    store = Store(settings.state_dir)
+    if not dry_run:
+        store.ensure()
+    net = Host(settings)
+    actions: list[Action] = []
+    teardowns: list[Teardown] = []
+    try:
+        for key in store.journal_keys():
+            try:
+                with locked(store, key, min(settings.lock_timeout, BUSY_TIMEOUT)):
+                    done, teardown = settle(store, net, key, log, dry_run=dry_run)
+            except LockTimeout:
+                actions.append(Action(key, "busy", "a hook holds this NIC; left for the next sweep",
+                                      ok=False))
+                continue
+            actions += done
+            if teardown:
+                teardowns.append(teardown)
+        actions += sweep_ovs(store, net, settings, dry_run=dry_run, log=log)
+    finally:
+        net.close()
+    if not dry_run:
+        run_teardowns(settings, teardowns, log)
+    return actions
+
+
+def ovs_present(settings: Settings) -> bool:
+    """Whether this host runs an OVSDB we can reach (no socket: nothing to sweep)."""
+    import os
+
+    kind, _, where = settings.ovsdb.partition(":")
+    return kind != "unix" or os.path.exists(where)
+
+
+def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
+              log: HookLog) -> list[Action]:
+    """Ports with our owner mark and flows with our cookie prefix that no journal
+    claims: what a reboot leaves (/run is empty, OVSDB keeps its ports), or an ifup
+    killed between its OVSDB commit and its journal's removal."""
+    if not ovs_present(settings):
+        return []
+    from nichooks.net_common import ovsdb as db
+    from nichooks.net_common.openflow import cookie
+
+    actions: list[Action] = []
+    deadline = time.monotonic() + settings.ovs_timeout
+    try:
+        bridges = db.bridge_names(settings.ovsdb, deadline)
+        # Flows first, journals after: a flow is added only after its journal exists, so
+        # a cookie no journal read *later* claims is an orphan.
+        openflow = net.openflow()
+        found = {b: openflow.cookies(b) for b in bridges if openflow.exists(b)}
+        ports = db.owned_ports(settings.ovsdb, deadline)
+    except Exception as exc:  # OvsdbError, OpenFlowError: report, do not abort the sweep
+        return [Action(settings.ovsdb, "failed", f"cannot read Open vSwitch: {exc}", ok=False)]
+    keys = set(store.journal_keys())
+    for name, owner, _uuid in ports:
+        try:
+            key = check_key(owner)
+        except InvalidInput:
+            actions.append(Action(name, "kept", f"owner mark {owner!r} is not a NIC key", ok=False))
+            continue
+        if key in keys:
+            continue
+        if dry_run:
+            actions.append(Action(name, "orphan-port", f"would delete: no journal for {key}"))
+            continue
+        try:
+            with locked(store, key, min(settings.lock_timeout, BUSY_TIMEOUT)):
+                if store.exists(key):
+                    continue  # an ifup claimed it meanwhile
+                net.ovsdb().unplug(name, key)
+        except LockTimeout:
+            actions.append(Action(name, "busy", "a hook holds its NIC", ok=False))
+            continue
+        except Exception as exc:
+            actions.append(Action(name, "failed", f"cannot delete orphan port: {exc}", ok=False))
+            continue
+        log.info("sweep", port=name, owner=key, result="orphan port deleted")
+        actions.append(Action(name, "orphan-port", f"deleted: no journal for {key}"))
+    wanted = {cookie(k) for k in store.journal_keys()}
+    for bridge, cookies in sorted(found.items()):
+        orphans = sorted(cookies - wanted)
+        if not orphans:
+            continue
+        if dry_run:
+            actions.append(Action(bridge, "orphan-flows", f"would delete flows of {len(orphans)} "
+                                  "cookies no journal claims"))
+            continue
+        try:
+            for value in orphans:
+                openflow.delete(bridge, value)
+        except Exception as exc:
+            actions.append(Action(bridge, "failed", f"cannot delete orphan flows: {exc}", ok=False))
+            continue
+        log.info("sweep", bridge=bridge, cookies=len(orphans), result="orphan flows deleted")
+        actions.append(Action(bridge, "orphan-flows",
+                              f"deleted flows of {len(orphans)} cookies no journal claims"))
+    return actions
+
+
+# -- verify and repair ------------------------------------------------------------------
+def journaled_steps(net: Host, settings: Settings, journal: Journal) -> list[Step]:
+    """The NIC's plan rebuilt from the journal's variables, limited to the steps the
+    journal says were applied (a routed NIC past switchover has its uplink entries)."""
+    from nichooks.hooks import build_plan
+
+    variables = dict(journal.variables)
+    if journal.mode == "routed" and not journal.deferred:
+        # Switchover happened (`nichooks announce`): the uplink entries are ours now.
+        variables.pop("MIGRATION_PHASE", None)
+        instance = variables.get("INSTANCE", "")
+        if instance.endswith("--incoming"):
+            variables["INSTANCE"] = instance[: -len("--incoming")]
+    variables["INTERFACE"] = journal.tap
+    nic = nicmod.from_variables(variables, tap=journal.tap)
+    if journal.key != nic.key and journal.key.startswith(nic.uuid + "-"):
+        nic = replace(nic, device=journal.key[len(nic.uuid) + 1:])
+    applied = {(r.kind, r.step) for r in journal.records if r.status != "failed"}
+    return [s for s in build_plan(nic, net, settings).steps if (s.kind, s.describe()) in applied]
+
+
+def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
+    """What differs between the journal and the host, one line each (empty: none)."""
+    found: list[str] = []
+    if journal.state == "applying":
+        found.append("its ifup has not finished (interrupted, or still running)")
+    device = device_state(net, journal)
+    if device == GONE:
+        return [*found, f"device {journal.tap} (ifindex {journal.ifindex}) is gone; "
+                "`nichooks sweep` undoes the rest"]
+    if device == RENAMED:
+        found.append(f"ifindex {journal.ifindex} is no longer called {journal.tap}")
+    for record in journal.records:
+        if record.status == "failed":
+            found.append(f"undo failed before and is pending a retry: {record.step} ({record.error})")
+            continue
+        check = PRESENT.get(record.kind)
+        try:
+            present = check(net, record.undo) if check else True
+        except Exception as exc:
+            found.append(f"cannot read back {record.step}: {exc}")
+            continue
+        if not present:
+            found.append(f"missing: {record.step}")
+    if found or journal.state != "applied":
+        return found
+    try:
+        steps = journaled_steps(net, settings, journal)
+    except NicHooksError as exc:
+        return [f"cannot rebuild the plan to compare: {exc}"]
+    for step in steps:
+        try:
+            mismatch = step.verify(net)
+        except Exception as exc:
+            mismatch = f"cannot read back: {exc}"
+        if mismatch:
+            found.append(f"{step.describe()}: {mismatch}")
+    return found
+
+
+def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog) -> list[Action]:
+    """Re-apply, from the journal, every applied step that no longer reads back; the
+    caller holds the NIC's locks. A record whose effect is gone is replaced by the new
+    one, keeping the value from before nichooks first touched it."""
+    journal = store.load(key)
+    if journal is None or journal.state != "applied" or device_state(net, journal) != PRESENT_DEVICE:
+        return []
+    name = label(journal)
+    log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
+    try:
+        steps = journaled_steps(net, settings, journal)
+    except NicHooksError as exc:
+        return [Action(name, "failed", f"cannot rebuild the plan: {exc}", ok=False)]
+    actions: list[Action] = []
+    for step in steps:
+        try:
+            mismatch = step.verify(net)
+        except Exception as exc:
+            mismatch = f"cannot read back: {exc}"
+        if not mismatch:
+            continue
+        try:
+            record = step.prepare(net)
+            _merge(journal, record)
+            store.save(journal)
+            step.apply(net)
+            again = step.verify(net)
+        except Exception as exc:
+            from nichooks.hooks import _cause
+
+            again = _cause(exc)
+        if again:
+            log.error("repair", step=step.describe(), result="failed", cause=again)
+            actions.append(Action(name, "failed", f"{step.describe()}: {again}", ok=False))
+            break  # later steps depend on this one (flows on a port)
+        log.info("repair", step=step.describe(), result="ok", was=mismatch)
+        actions.append(Action(name, "repaired", f"{step.describe()} (was: {mismatch})"))
+    return actions
+
+
+def _merge(journal: Journal, record: Record) -> None:
+    for i, old in enumerate(journal.records):
+        if old.kind == record.kind and old.step == record.step and old.status != "failed":
+            undo: dict[str, Any] = dict(record.undo)
+            if "old" in undo and "old" in old.undo:
+                undo["old"] = old.undo["old"]  # the value before nichooks first changed it
+            journal.records[i] = replace(record, undo=undo)
+            return
+    journal.records.append(record)
+
+
+def select(store: Store, which: str | None) -> list[str]:
+    """Journal keys matching a tap name or NIC key (all when `which` is None)."""
+    if which is None:
+        return store.journal_keys()
+    found = [k for k in store.journal_keys() if k == which.lower() or k.startswith(which.lower() + "-")]
+    try:
+        owner = store.tap_owner(validate.ifname("NIC", which))
+    except InvalidInput:
+        owner = None
+    if owner and owner not in found:
+        found.append(owner)
+    if not found:
+        raise PlumbingError(f"no NIC is journaled under {which!r} (a tap name or NIC UUID)",
+                            nic=which, step="verify")
+    return sorted(found)
