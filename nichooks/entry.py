@@ -46,9 +46,20 @@ COMMUNICATION_PREFIX = "gnt.com."
 
 def _instance_communication(env: Mapping[str, str], positionals: Sequence[str]) -> bool:
     """Ganeti's instance-communication taps (`gnt.com.N`) are Ganeti's own: its
-    kvm-ifup-os has set them up before our hook is exec'd; we must not touch them."""
+    kvm-ifup-os has set them up before our hook is exec'd; we must not touch them.
+    Only a valid device name counts: `gnt.com./../x` is invalid input like any other
+    bad name, not a reason to exit 0 without a word."""
+    from nichooks.errors import InvalidInput
+    from nichooks.validate import ifname
+
     tap = env.get("INTERFACE") or (positionals[0] if positionals else "")
-    return tap.startswith(COMMUNICATION_PREFIX)
+    if not tap.startswith(COMMUNICATION_PREFIX):
+        return False
+    try:
+        ifname("INTERFACE", tap)
+    except InvalidInput:
+        return False
+    return True
 
 
 IFUP_USAGE = "usage: kvm-ifup [-v] [TAP]   (NIC data from the environment or the spec file)"

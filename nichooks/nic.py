@@ -132,6 +132,11 @@ def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
             link = validate.table("LINK", link)
         elif mode != "ext":
             link = validate.ifname("LINK", link)
+        else:
+            # ext mode: the link means something only to the administrator's scripts,
+            # but it still reaches them, our journal and our log lines: no control
+            # characters (a newline would forge a line), bounded length.
+            link = validate.free_text("LINK", link)
     elif mode in ("bridged", "openvswitch"):
         raise InvalidInput("LINK", f"is not set; {mode} mode needs the bridge to plug into")
 

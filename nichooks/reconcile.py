@@ -294,7 +294,22 @@ def journaled_steps(net: Host, settings: Settings, journal: Journal) -> list[Ste
     if journal.key != nic.key and journal.key.startswith(nic.uuid + "-"):
         nic = replace(nic, device=journal.key[len(nic.uuid) + 1:])
     applied = {(r.kind, r.step) for r in journal.records if r.status != "failed"}
-    return [s for s in build_plan(nic, net, settings).steps if (s.kind, s.describe()) in applied]
+    steps = [s for s in build_plan(nic, net, settings).steps if (s.kind, s.describe()) in applied]
+    planned = {(s.kind, s.describe()) for s in steps}
+    if journal.mode == "routed":
+        # Uplink proxy entries come from the journal itself: the plan finds the uplink
+        # through the default route, which an uplink's down/up removes until the
+        # operator's network configuration puts it back, while the entries are wanted.
+        from nichooks.net_common.routed import ProxyNeigh
+
+        for r in journal.records:
+            if (r.kind == "route.proxy" and r.status != "failed" and not r.undo.get("foreign")
+                    and r.undo.get("dev") != journal.tap and (r.kind, r.step) not in planned):
+                step = ProxyNeigh(str(r.undo["addr"]), str(r.undo["dev"]), int(r.undo["proto"]),
+                                  "upstream resolves the guest")
+                if step.describe() == r.step:
+                    steps.append(step)
+    return steps
 
 
 def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
@@ -348,6 +363,8 @@ def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog) 
     try:
         steps = journaled_steps(net, settings, journal)
     except NicHooksError as exc:
+        if device_state(net, journal) != PRESENT_DEVICE:
+            return []  # the device went while we looked: the vanished path takes over
         return [Action(name, "failed", f"cannot rebuild the plan: {exc}", ok=False)]
     actions: list[Action] = []
     for step in steps:
@@ -367,6 +384,8 @@ def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog) 
             from nichooks.hooks import _cause
 
             again = _cause(exc)
+        if again and device_state(net, journal) != PRESENT_DEVICE:
+            return actions  # the device went while we worked: the vanished path takes over
         if again:
             log.error("repair", step=step.describe(), result="failed", cause=again)
             actions.append(Action(name, "failed", f"{step.describe()}: {again}", ok=False))

@@ -7,6 +7,8 @@ DESIGN §4 fixes the names. The file is read only when it exists, with configpar
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +79,16 @@ class Settings:
 
 
 def _read_conf(path: Path) -> dict[str, str]:
-    """KEY = value lines under [nichooks]; keys as in the environment, any case."""
-    if not path.is_file():
+    """KEY = value lines under [nichooks]; keys as in the environment, any case.
+    Only a regular file is read (a FIFO there would block every hook); a path that
+    cannot even be looked at (a component that is a file, a loop) is an error."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        raise InvalidInput(str(path), f"cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
         return {}
     import configparser
 
@@ -116,10 +126,52 @@ def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
     return text.lower()
 
 
+_SMALL_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
 def _int(name: str, text: str, low: int, high: int) -> int:
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise InvalidInput(name, f"{text!r} is not a number in {low}..{high}")
+    """ASCII digits, a handful of them: str.isdigit() is true for '²', which int()
+    refuses, and int() of thousands of digits raises past Python's digit limit."""
+    if not _SMALL_NUMBER.fullmatch(text) or not low <= int(text) <= high:
+        raise InvalidInput(name, f"{text[:40]!r} is not a number in {low}..{high}")
     return int(text)
+
+
+PATH_MAX = 4096
+NAME_MAX = 255
+PATH_SETTINGS = ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "GANETI_RUN_DIR", "OVS_RUNDIR",
+                 "NICHOOKS_IPROUTE2_DIR")
+
+
+def _directory(name: str, text: str) -> Path:
+    """An absolute directory path the kernel can take: no control characters (a
+    newline would forge log and error lines), no component longer than NAME_MAX and
+    no path longer than PATH_MAX (either makes every call fail with ENAMETOOLONG,
+    deep inside whatever first touches it)."""
+    if not text.startswith("/"):
+        raise InvalidInput(name, f"{text[:80]!r} is not an absolute path")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidInput(name, f"{text[:80]!r} contains a control character")
+    raw = os.fsencode(text)
+    if len(raw) >= PATH_MAX - NAME_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise InvalidInput(name, f"{text[:80]!r}... is too long for a path")
+    return Path(text)
+
+
+def _state_dir(text: str) -> Path:
+    """The state directory, or a path where it can be made: refused when it, or
+    something on the way to it, exists and is not a directory (journals, locks and
+    the tap index could then never be written, and every hook would fail late)."""
+    path = _directory("NICHOOKS_STATE_DIR", text)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return path
+    except OSError as exc:  # ENOTDIR (a file on the way), ELOOP
+        raise InvalidInput("NICHOOKS_STATE_DIR", f"{text!r}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise InvalidInput("NICHOOKS_STATE_DIR", f"{text!r} exists and is not a directory")
+    return path
 
 
 def _uplink(name: str, text: str) -> str | None:
@@ -146,8 +198,9 @@ def effective(env: Mapping[str, str] | None = None) -> list[tuple[str, str, str]
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    conf_dir = env.get("NICHOOKS_CONF_DIR") or DEFAULTS["NICHOOKS_CONF_DIR"]
-    conf_path = Path(conf_dir) / "nichooks.conf"
+    conf_dir = _directory("NICHOOKS_CONF_DIR",
+                          env.get("NICHOOKS_CONF_DIR") or DEFAULTS["NICHOOKS_CONF_DIR"])
+    conf_path = conf_dir / "nichooks.conf"
     conf = _read_conf(conf_path)
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -158,13 +211,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             values[name], sources[name] = conf[name], f"file {conf_path}"
         else:
             values[name], sources[name] = default, "default"
-    for name in ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "GANETI_RUN_DIR", "OVS_RUNDIR",
-                 "NICHOOKS_IPROUTE2_DIR"):
-        if not values[name].startswith("/"):
-            raise InvalidInput(name, f"{values[name]!r} is not an absolute path")
+    for name in PATH_SETTINGS:
+        _directory(name, values[name])
     return Settings(
-        state_dir=Path(values["NICHOOKS_STATE_DIR"]),
-        conf_dir=Path(values["NICHOOKS_CONF_DIR"]),
+        state_dir=_state_dir(values["NICHOOKS_STATE_DIR"]),
+        conf_dir=conf_dir,
         ganeti_run_dir=Path(values["GANETI_RUN_DIR"]),
         ovsdb=values["NICHOOKS_OVSDB"],
         ovs_rundir=Path(values["OVS_RUNDIR"]),

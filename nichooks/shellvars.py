@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from nichooks.errors import InvalidInput
 
@@ -316,3 +317,48 @@ def _check_tildes(word: _Word, start: int, lexer: _Lexer) -> None:
                 word.lines[i],
                 "unquoted '~' would be replaced by a home directory (write \\~ or quote it)",
             )
+
+
+MAX_FILE = 64 * 1024
+"""A NIC file or spec file is a dozen short lines; anything much longer is not one."""
+
+
+def read_assignments(path: Path, source: str | None = None) -> dict[str, str] | None:
+    """Parse the file at ``path`` like :func:`parse_assignments`; None if it does not
+    exist. Only a regular file of at most MAX_FILE bytes, valid UTF-8, is read: it is
+    opened non-blocking (a FIFO left where the file should be would otherwise hang
+    the hook, and the hypervisor waiting for it) and checked with fstat before any
+    read. Anything else raises :class:`InvalidInput` naming the file."""
+    import os
+    import stat
+
+    name = source or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise InvalidInput(name, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput(name, "is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE:
+            chunk = os.read(fd, MAX_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise InvalidInput(name, f"cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE:
+        raise InvalidInput(name, f"is larger than {MAX_FILE} bytes: not a NIC description")
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(name, f"is not UTF-8 text (byte {exc.start})") from None
+    return parse_assignments(text, name)

@@ -13,6 +13,7 @@ The NIC itself comes from Ganeti's Xen NIC file, or, where Ganeti did not write 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,25 @@ def _arguments(argv: Sequence[str]) -> tuple[str, str]:
     return words[0], type_if
 
 
+_XENSTORE_PATH = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*",
+                            re.ASCII)
+
+
+def backend_path(env: Mapping[str, str]) -> str:
+    """XENBUS_PATH (libxl: `backend/vif/<domid>/<devid>`), or "" when unset.
+
+    It is handed to xenstore-read and xenstore-write as an argument and keys become
+    `<it>/hotplug-status`: a value that is not a plain xenstore path (an option-like
+    `-x`, `..`, empty components, spaces, control characters) is refused rather than
+    written to."""
+    raw = env.get("XENBUS_PATH", "")
+    if raw and (len(raw) > 512 or not _XENSTORE_PATH.fullmatch(raw)
+                or any(part in (".", "..") for part in raw.split("/"))):
+        raise InvalidInput("XENBUS_PATH", f"{raw[:80]!r} is not a xenstore path "
+                           "(backend/vif/<domid>/<devid>)")
+    return raw
+
+
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     from nichooks.entry import run_guarded
 
@@ -51,7 +71,10 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE)
         return EXIT_OK
-    backend = env.get("XENBUS_PATH", "")
+    try:
+        backend = backend_path(env)
+    except InvalidInput:
+        backend = ""  # nowhere to report the failure to; _dispatch raises it again
 
     def go() -> int:
         try:
@@ -89,7 +112,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     if not vif:
         raise InvalidInput("vif", "is not set (libxl sets it for vif scripts)")
     domid, devid = xen.parse_vif(vif)
-    backend = env.get("XENBUS_PATH", "")
+    backend = backend_path(env)
     settings = settingsmod.load(env)
     log = HookLog(verbose=verbose or settings.debug, tap=vif, context=command)
     store = xen.XenStore(env)

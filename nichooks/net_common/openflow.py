@@ -174,7 +174,10 @@ class OpenFlow:
         text = "".join(f"add cookie=0x{cookie_value:016x},{flow}\n" for flow in flows)
         # First, in the same bundle: flows another NIC of ours left on this port number
         # (its ifdown never ran) would otherwise apply to this guest.
-        text = f"delete in_port={ofport},{PREFIX_MATCH}\n" + text
+        # And this NIC's own flows wherever they are: re-applied after its port was
+        # re-created under a new number, they would otherwise be there twice.
+        text = (f"delete in_port={ofport},{PREFIX_MATCH}\n"
+                f"delete {cookie_match(cookie_value)}\n" + text)
         try:
             self._run("add-flows", ["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge),
                                     "-"], text)

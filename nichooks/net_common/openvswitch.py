@@ -12,6 +12,7 @@ while it is still ours.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,9 @@ def ovs_port_present(net: Host, undo: dict[str, Any]) -> bool:
     return _ours(net.ovsdb().port(undo["port"]), undo)
 
 
+_IN_PORT = re.compile(r"\bin_port=(\d+)")
+
+
 @dataclass(frozen=True)
 class OvsFlows:
     """Anti-spoofing flows on the port, by cookie, in one bundle. The OpenFlow port
@@ -189,7 +193,7 @@ class OvsFlows:
         have = net.openflow().dump(self.bridge, self.cookie)
         if len(have) != want:
             return f"{len(have)} flows with cookie 0x{self.cookie:016x} on {self.bridge}, expected {want}"
-        stale = [flow for flow in have if f"in_port={ofport}," not in flow + ","]
+        stale = [flow for flow in have if _IN_PORT.findall(flow) != [str(ofport)]]
         if stale:
             # ovs-vswitchd renumbered the port (a restart): the flows guard another port.
             return f"{len(stale)} flows with cookie 0x{self.cookie:016x} match another port than {ofport}"

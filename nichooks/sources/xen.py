@@ -21,7 +21,9 @@ from pathlib import Path
 
 from nichooks.errors import InvalidInput, PlumbingError
 
-VIF_NAME = re.compile(r"vif(\d+)\.(\d+)")
+# ASCII digits, a few of them: `\d` also matches '١' or '²', and int() of a long run of
+# digits raises past Python's digit limit. libxl's domids stop at 32767.
+VIF_NAME = re.compile(r"vif([0-9]{1,5})\.([0-9]{1,5})")
 INCOMING = "--incoming"
 TOOL_TIMEOUT = 10.0
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,6 +53,8 @@ def _run(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess
                               check=False, env=dict(env), stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise PlumbingError(f"{argv[0]} did not answer within {TOOL_TIMEOUT:g}s", step="xen") from None
+    except OSError as exc:  # found on PATH but not runnable (mode, format, a directory)
+        raise PlumbingError(f"cannot run {argv[0]}: {exc.strerror or exc}", step="xen") from None
 
 
 class XenStore:
@@ -68,19 +72,26 @@ class XenStore:
             argv += [key, value]
         done = _run(argv, self.env)
         if done.returncode != 0:
-            raise PlumbingError(f"xenstore-write failed: {done.stderr.strip()}", step="xen")
+            stderr = " ".join(done.stderr.split())[:200]  # the error must stay one line
+            raise PlumbingError(f"xenstore-write failed: {stderr or 'no message'}", step="xen")
 
 
 def domain_name(domid: int, env: Mapping[str, str]) -> tuple[str, bool]:
-    """(instance name, whether this is an incoming migration) from `xl domname`."""
+    """(instance name, whether this is an incoming migration) from `xl domname`.
+
+    The name is checked before it is used: it becomes a path component of the NIC
+    file (`..` or a `/` would read a file elsewhere) and the INSTANCE of the NIC."""
+    from nichooks import validate
+
     done = _run([_tool("xl", env), "domname", str(domid)], env)
     name = done.stdout.strip()
     if done.returncode != 0 or not name:
-        raise PlumbingError(f"xl domname {domid} failed: {done.stderr.strip() or 'no name'}",
-                            step="xen")
-    if name.endswith(INCOMING):
-        return name[: -len(INCOMING)], True
-    return name, False
+        stderr = " ".join(done.stderr.split())[:200]
+        raise PlumbingError(f"xl domname {domid} failed: {stderr or 'no name'}", step="xen")
+    incoming = name.endswith(INCOMING)
+    if incoming:
+        name = name[: -len(INCOMING)]
+    return validate.instance(f"INSTANCE (xl domname {domid})", name), incoming
 
 
 def nic_file(run_dir: Path, instance: str, devid: int) -> Path:
@@ -88,16 +99,23 @@ def nic_file(run_dir: Path, instance: str, devid: int) -> Path:
 
 
 def read_nic_file(path: Path) -> dict[str, str] | None:
-    """Ganeti's variables for the NIC, parsed as bash would source them; None if absent."""
-    from nichooks.shellvars import parse_assignments
+    """Ganeti's variables for the NIC, parsed as bash would source them; None if absent.
+    Only a regular file is read (shellvars.read_assignments: a FIFO cannot hang us)."""
+    from nichooks.shellvars import read_assignments
+
+    return read_assignments(path)
+
+
+def _is_linux_bridge(name: str) -> bool:
+    """Whether `name` is a Linux bridge here; False for anything that is not a
+    device name (xenstore is input too: no path outside /sys/class/net is looked at)."""
+    from nichooks import validate
 
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(str(path), f"cannot be read: {exc}") from None
-    return parse_assignments(text, str(path))
+        validate.ifname("bridge", name)
+        return Path("/sys/class/net", name, "bridge").is_dir()
+    except (InvalidInput, OSError):
+        return False
 
 
 def from_xenstore(store: XenStore, backend: str) -> dict[str, str]:
@@ -110,18 +128,19 @@ def from_xenstore(store: XenStore, backend: str) -> dict[str, str]:
                             "this NIC", step="xen")
     out = {"MAC": mac}
     ip = store.read(f"{backend}/ip")
-    if ip:
-        out["IP"] = ip.split()[0]
+    words = ip.split() if ip else []  # libxl keeps a space-separated list; blank is none
+    if words:
+        out["IP"] = words[0]
     bridge = store.read(f"{backend}/bridge")
     if bridge:
         found = VLAN_SUFFIX.match(bridge)
         link, vlan = (found.group("link"), found.group("vlan")) if found else (bridge, "")
-        if Path("/sys/class/net", bridge, "bridge").is_dir():
+        if _is_linux_bridge(bridge):
             link, vlan = bridge, ""
-        linux_bridge = Path("/sys/class/net", link, "bridge").is_dir()
+        linux_bridge = _is_linux_bridge(link)
         out["MODE"] = "bridged" if linux_bridge and not vlan else "openvswitch"
         out["LINK"], out["VLAN"] = link, vlan
-    elif ip:
+    elif words:
         out["MODE"] = "routed"
     else:
         raise PlumbingError(f"no NIC file, and xenstore {backend} has neither bridge nor ip",

@@ -75,10 +75,21 @@ class Switch:
                         f"--log-file={d / 'ovsdb-server.log'}", "--detach"],
                        check=True, env=self.env(), capture_output=True)
         self.vsctl("--no-wait", "init")
+        self.start_vswitchd()
+
+    def start_vswitchd(self) -> None:
+        d = self.dir
         self.host.run("ovs-vswitchd", self.db, f"--pidfile={d / 'ovs-vswitchd.pid'}",
                       f"--unixctl={d / 'ovs-vswitchd.ctl'}", f"--log-file={d / 'ovs-vswitchd.log'}",
                       "--detach", env=self.env())
         wait_for("ovs-vswitchd to start", lambda: (d / "ovs-vswitchd.ctl").exists(), timeout=10)
+
+    def restart_vswitchd(self) -> None:
+        """What a package upgrade or a crash does: the datapath and every flow go, the
+        database (ports and all) stays."""
+        _kill(int((self.dir / "ovs-vswitchd.pid").read_text().strip()))
+        wait_for("ovs-vswitchd to stop", lambda: not (self.dir / "ovs-vswitchd.ctl").exists())
+        self.start_vswitchd()
 
     def stop(self) -> None:
         for name in ("ovs-vswitchd", "ovsdb-server"):

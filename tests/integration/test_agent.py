@@ -4,14 +4,27 @@ removed from a live NIC is put back from its journal."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shlex
+import signal
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.integration.agent_env import AgentProc, timed
 from tests.integration.bridged_env import Site
-from tests.nstools import Netns, require_root, wait_for
+from tests.integration.ovs_env import Guest as OvsGuest
+from tests.integration.ovs_env import Switch
+from tests.integration.qemu_harness import Nic as QemuNic
+from tests.integration.qemu_harness import QemuVM, qemu_binary
+from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
+from tests.integration.routed_env import Host as RoutedHost
+from tests.nstools import Netns, bin_path, hook_env, require_root, wait_for
 
 VANISH_LIMIT = 1.0  # the issue's bound for undoing a vanished NIC
 
@@ -25,6 +38,14 @@ def site(dirs: tuple[Path, Path]) -> Iterator[Site]:
     finally:
         guest.delete()
         host.delete()
+
+
+@contextmanager
+def show_log_on_failure(agent: AgentProc) -> Iterator[None]:
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- agent log ---\n{agent.log()}") from None
 
 
 def agent_for(site: Site, tmp: Path) -> AgentProc:
@@ -63,6 +84,187 @@ def test_bridge_recreated_and_tap_detached_are_reattached(site: Site, tmp_path: 
         site.bridges.clear()
         site.add_bridge("br0")
         wait_for("tap0 on the new br0", lambda: site.host.link("tap0").get("master") == "br0")
-        assert "result=repaired" in agent.log()
+        wait_for("the agent's report", lambda: "result=repaired" in agent.log())
         assert site.hook("kvm-ifdown", "tap0").returncode == 0
         assert site.host.link("tap0").get("master") is None
+
+
+# -- routed: the residue that matters (rules, routes, proxy entries by name) ------------
+def routed_agent(world: World, tmp: Path) -> AgentProc:
+    env = hook_env(world.a.state, world.a.conf, NICHOOKS_IPROUTE2_DIR=str(world.a.iproute2))
+    return AgentProc(world.a.ns, env, tmp / "agent.log")
+
+
+def routed_residue(host: RoutedHost) -> dict[str, object]:
+    return {"rules4": host.our_rules("-4"), "rules6": host.our_rules("-6"),
+            "routes4": host.host_routes("-4"), "routes6": host.host_routes("-6"),
+            "proxy4": host.proxies("-4"), "proxy6": host.proxies("-6")}
+
+
+def test_routed_tap_vanishes_and_is_undone(tmp_path: Path) -> None:
+    require_root()
+    with make_world(tmp_path, hosts=("a",)) as world:
+        guest = world.plug(world.a)
+        before = world.a.ns.snapshot()
+        with routed_agent(world, tmp_path) as agent:
+            assert world.ifup(world.a, guest).returncode == 0
+            assert routed_residue(world.a)["routes4"]
+            world.a.ns.ip("link", "del", "tap0")
+            took = timed("the journal to go", lambda: not world.a.journals(), VANISH_LIMIT)
+            assert world.a.ns.snapshot() == without(before, "tap0"), agent.log()
+            assert not any(routed_residue(world.a).values())
+        print(f"vanished routed NIC undone in {took * 1000:.0f} ms")
+
+
+def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
+    """A soft reboot: the tap vanishes and a new one of the same name appears within
+    milliseconds and is plugged again. Whoever wins the race (the agent undoing the
+    old plug, or the new ifup), the new plug stays whole."""
+    require_root()
+    with make_world(tmp_path, hosts=("a",)) as world:
+        guest = world.plug(world.a)
+        with routed_agent(world, tmp_path) as agent:
+            assert world.ifup(world.a, guest).returncode == 0
+            for _round in range(3):
+                t0 = time.monotonic()
+                world.a.ns.ip("link", "del", "tap0")
+                guest = world.plug(world.a, guest.ns, nic_uuid=guest.nic_uuid)
+                gap = time.monotonic() - t0
+                assert gap < 0.1, f"the test took {gap:.3f}s to re-create the tap"
+                up = world.ifup(world.a, guest)
+                assert up.returncode == 0, up.stderr
+                time.sleep(0.5)  # let the agent act on the deletion, whatever it decides
+                [path] = world.a.journals()
+                journal = json.loads(path.read_text())
+                assert journal["ifindex"] == world.a.ns.link("tap0")["ifindex"]
+                assert journal["state"] == "applied"
+                residue = routed_residue(world.a)
+                assert [r["iif"] for r in residue["rules4"]] == ["tap0"]  # type: ignore[index]
+                assert [r["dst"] for r in residue["routes4"]] == [GUEST4]  # type: ignore[index]
+                assert {p["dst"] for p in residue["proxy4"]} == {GUEST4}  # type: ignore[union-attr]
+                assert_ping(guest.ns, GW4)
+            assert "Traceback" not in agent.log()
+            assert world.ifdown(world.a).returncode == 0
+            assert not any(routed_residue(world.a).values())
+
+
+def test_uplink_down_up_gets_its_proxy_entries_back(tmp_path: Path) -> None:
+    require_root()
+    with make_world(tmp_path, hosts=("a",)) as world:
+        guest = world.plug(world.a)
+        with routed_agent(world, tmp_path) as agent:
+            assert world.ifup(world.a, guest).returncode == 0
+            wanted = {p["dst"] for p in world.a.proxies("-4", "a-up")}
+            assert wanted == {GUEST4}
+            world.a.ns.ip("link", "set", "a-up", "down")
+            assert world.a.proxies("-4", "a-up") == []  # the kernel flushed them
+            world.a.ns.ip("link", "set", "a-up", "up")
+            wait_for("the uplink proxy entries back",
+                     lambda: {p["dst"] for p in world.a.proxies("-4", "a-up")} == wanted
+                     and world.a.proxies("-6", "a-up"))
+            wait_for("the agent's report", lambda: "result=repaired" in agent.log())
+            # The operator's network configuration, again (IPv6 addresses go with a down).
+            world.a.ns.ip("-6", "addr", "replace", f"{world.a.addr6}/64", "dev", "a-up", "nodad")
+            for table in ("main", "100"):
+                world.a.ns.ip("route", "replace", "default", "via", GW4, "dev", "a-up", "table", table)
+                world.a.ns.ip("-6", "route", "replace", "default", "via", GW6, "dev", "a-up",
+                              "table", table)
+            assert_ping(guest.ns, GW4)
+            assert world.ifdown(world.a).returncode == 0
+            assert not any(routed_residue(world.a).values())
+
+
+# -- Open vSwitch ------------------------------------------------------------------------
+@pytest.fixture
+def switch(netns: Netns, tmp_path: Path) -> Iterator[Switch]:
+    sw = Switch(netns, tmp_path)
+    try:
+        sw.start()
+        sw.add_bridge("br0")
+        yield sw
+    finally:
+        sw.remove_guests()
+        sw.stop()
+
+
+def ovs_agent(sw: Switch, dirs: tuple[Path, Path], guest: OvsGuest, tmp: Path) -> AgentProc:
+    env = sw.nic_env(*dirs, guest, NICHOOKS_AGENT_INTERVAL="0.5")
+    return AgentProc(sw.host, env, tmp / "agent.log")
+
+
+def ovs_state(sw: Switch, tap: str) -> tuple[bool, int]:
+    return tap in sw.ports("br0"), len(sw.our_flows("br0"))
+
+
+def test_ovs_tap_vanishes_port_and_flows_removed(switch: Switch, dirs: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    guest = switch.add_guest("tapa", "52:54:00:00:00:0a", "10.0.0.10/24")
+    env = switch.nic_env(*dirs, guest)
+    with ovs_agent(switch, dirs, guest, tmp_path) as agent:
+        assert switch.hook("kvm-ifup", "tapa", env=env).returncode == 0
+        assert ovs_state(switch, "tapa")[0] and ovs_state(switch, "tapa")[1] > 0
+        switch.host.ip("link", "del", "tapa")
+        took = timed("port and flows gone", lambda: ovs_state(switch, "tapa") == (False, 0),
+                     VANISH_LIMIT)
+        wait_for("the journal to go", lambda: not list((dirs[0] / "nics").glob("*.json")))
+        assert "result=failed" not in agent.log(), agent.log()
+    print(f"vanished OVS NIC undone in {took * 1000:.0f} ms")
+
+
+def test_ovs_foreign_del_port_and_vswitchd_restart_are_repaired(
+        switch: Switch, dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    a = switch.add_guest("tapa", "52:54:00:00:00:0a", "10.0.0.10/24")
+    b = switch.add_guest("tapb", "52:54:00:00:00:0b", "10.0.0.11/24")
+    for g in (a, b):
+        r = switch.hook("kvm-ifup", g.tap, env=switch.nic_env(*dirs, g, VLAN=".100"))
+        assert r.returncode == 0, r.stderr
+    flows = len(switch.our_flows("br0"))
+    with ovs_agent(switch, dirs, a, tmp_path) as agent, show_log_on_failure(agent):
+        switch.vsctl("del-port", "br0", "tapa")
+        wait_for("tapa back, tagged, with its flows",
+                 lambda: "tapa" in switch.ports("br0")
+                 and switch.row("Port", "tapa", "tag")["tag"] == 100
+                 and len(switch.our_flows("br0")) == flows, timeout=5)
+        assert a.ping_until("10.0.0.11")
+
+        switch.restart_vswitchd()
+        wait_for("flows re-installed after the restart",
+                 lambda: len(switch.our_flows("br0")) == flows, timeout=5)
+        ofports = {g.tap: switch.row("Interface", g.tap, "ofport")["ofport"] for g in (a, b)}
+        for line in switch.our_flows("br0"):
+            assert re.search(r"\bin_port=(\d+)", line).group(1) in {  # type: ignore[union-attr]
+                str(p) for p in ofports.values()}, line
+        assert a.ping_until("10.0.0.11")
+        assert "Traceback" not in agent.log()
+    for g in (a, b):
+        assert switch.hook("kvm-ifdown", g.tap, env=switch.nic_env(*dirs, g)).returncode == 0
+    assert switch.ports("br0") == set() and switch.our_flows("br0") == []
+
+
+# -- QEMU killed: no downscript runs -------------------------------------------------------
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
+def test_qemu_sigkill_leaves_no_residue(tmp_path: Path) -> None:
+    require_root()
+    with make_world(tmp_path, hosts=("a",)) as world:
+        host = world.a
+        spec = {"INSTANCE": "vm1.example.org", "MAC": "52:54:00:12:34:50", "MODE": "routed",
+                "LINK": "100", "IP": GUEST4, "INTERFACE_UUID": "7d0c3f7e-3a55-4f0b-8d59-2f4c7d1e9a50",
+                "NETWORK_SUBNET": "198.51.100.0/24", "NETWORK_GATEWAY": GW4,
+                "NETWORK_SUBNET6": "2001:db8:100::/64", "NETWORK_GATEWAY6": GW6}
+        (host.state / "specs").mkdir()
+        (host.state / "specs" / "tapq0").write_text(
+            "".join(f"{k}={shlex.quote(v)}\n" for k, v in spec.items()))
+        before = host.ns.snapshot()
+        env = hook_env(host.state, host.conf, NICHOOKS_IPROUTE2_DIR=str(host.iproute2))
+        with routed_agent(world, tmp_path) as agent:
+            vm = QemuVM(host.ns, [QemuNic("tapq0", spec["MAC"])], script=bin_path("kvm-ifup"),
+                        downscript=bin_path("kvm-ifdown"), env=env)
+            with vm:
+                assert host.journals(), vm.log()
+                assert routed_residue(host)["routes4"]
+                os.kill(vm.pid, signal.SIGKILL)
+                took = timed("the journal to go", lambda: not host.journals(), VANISH_LIMIT + 1)
+            after = host.ns.snapshot()
+            assert after == before, (agent.log(), vm.log())
+            assert not any(routed_residue(host).values())
+        print(f"QEMU SIGKILL: NIC undone {took * 1000:.0f} ms after the kill")
