@@ -53,6 +53,7 @@ class Agent:
         self.seen: dict[str, tuple[int, bool]] = {}
         self.refs: dict[str, set[str]] = {}
         self.refs_stamp = -1
+        self.taps: dict[str, tuple[int, bool, int | None]] = {}  # name -> (ifindex, up, master)
         self.later: dict[tuple[str, int | None], float] = {}  # (key, vanished index) -> when
         load_backends()
 
@@ -111,34 +112,39 @@ class Agent:
         self.check_ovs()
 
     def handle(self, events: list[LinkEvent]) -> None:
+        """Event by event (a down and an up of an uplink often arrive in one burst),
+        note what changed; then undo the vanished NICs, then repair the others."""
+        self._refresh_refs()
         vanished: dict[str, int] = {}
-        touched: set[str] = set()
+        changed_taps: set[str] = set()
+        repairs: set[str] = set()
         for event in events:
+            name = event.name
             if event.deleted:
-                vanished[event.name] = event.index
-                self.seen[event.name] = (0, False)
-                touched.discard(event.name)
-            else:
-                touched.add(event.name)
+                vanished[name] = event.index
+                self.seen[name] = (0, False)
+                self.taps.pop(name, None)
+                changed_taps.discard(name)
+                continue
+            # A tap matters when its master or up state changes on the same device; the
+            # first sight of a device is a plug in progress, which its hook verifies.
+            last = self.taps.get(name)
+            self.taps[name] = (event.index, event.up, event.master)
+            if last is not None and last[0] == event.index and last[1:] != (event.up, event.master):
+                changed_taps.add(name)
+            if name in self.refs:
+                before = self.seen.get(name)
+                self.seen[name] = (event.index, event.up)
+                if before is not None and (event.index != before[0] or (event.up and not before[1])):
+                    repairs |= self.refs[name]  # re-created, or up again: re-apply its NICs
         for name, index in vanished.items():
             key = self.store.tap_owner(name)
             if key:
                 self.vanish(key, index)
-        if not touched:
-            return
-        self._refresh_refs()
-        repairs: set[str] = set()
-        for name in touched:
+        for name in changed_taps:
             key = self.store.tap_owner(name)
             if key:
-                repairs.add(key)  # the tap itself changed: master, up, MTU
-            if name in self.refs:
-                state = self.net.find(name)
-                now = (state.index, state.up) if state else (0, False)
-                before = self.seen.get(name)
-                self.seen[name] = now
-                if before is not None and now[0] and (now[0] != before[0] or (now[1] and not before[1])):
-                    repairs |= self.refs[name]  # re-created, or up again: re-apply its NICs
+                repairs.add(key)  # detached from its bridge, or down and up again
         for key in sorted(repairs):
             self.repair(key)
 
@@ -164,7 +170,7 @@ class Agent:
         log = self.log(uuid=key)
         try:
             with locked(self.store, key, 0.05):
-                actions = repair(self.store, self.net, self.settings, key, log)
+                actions = repair(self.store, self.net, self.settings, key, log, quick=True)
         except LockTimeout:
             return  # a hook is working on the NIC and verifies it itself
         except CorruptJournal:

@@ -151,7 +151,12 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
 
     still = undo_records(net, retry, log)
     journal.records = [r for r in journal.records if r not in retry or r in still]
-    store.save(journal)
+    if journal.state == "undo-failed" and not journal.records:
+        # The journal was kept only for these records: the NIC is fully undone now.
+        store.delete(journal.key)
+        store.release_tap(journal.tap, journal.key)
+    else:
+        store.save(journal)
     if still:
         return [Action(name, "failed", f"retried undo still fails: {_failed_text(still)}",
                        ok=False)], None
@@ -351,12 +356,31 @@ def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
     return found
 
 
-def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog) -> list[Action]:
+def all_present(net: Host, journal: Journal) -> bool:
+    """Every record's effect still in place, by the cheap per-record checks (no plan
+    rebuilt): what the agent asks first, on every event that might matter."""
+    for record in journal.records:
+        check = PRESENT.get(record.kind)
+        if record.status == "failed" or check is None:
+            continue
+        try:
+            if not check(net, record.undo):
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, *,
+           quick: bool = False) -> list[Action]:
     """Re-apply, from the journal, every applied step that no longer reads back; the
     caller holds the NIC's locks. A record whose effect is gone is replaced by the new
-    one, keeping the value from before nichooks first touched it."""
+    one, keeping the value from before nichooks first touched it. `quick`: look no
+    further when every record's own check passes."""
     journal = store.load(key)
     if journal is None or journal.state != "applied" or device_state(net, journal) != PRESENT_DEVICE:
+        return []
+    if quick and all_present(net, journal):
         return []
     name = label(journal)
     log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)

@@ -131,7 +131,12 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
         return EXIT_OK
 
     instance, incoming = xen.domain_name(domid, env)
-    variables = xen.read_nic_file(xen.nic_file(settings.ganeti_run_dir, instance, devid))
+    path = xen.nic_file(settings.ganeti_run_dir, instance, devid)
+    variables = xen.read_nic_file(path)
+    if variables is not None and not variables.get("MODE"):
+        # Ganeti always writes MODE; without it ifup would look for a QEMU spec file
+        # and blame that instead of the file that is wrong.
+        raise InvalidInput(str(path), "sets no MODE (not a NIC file Ganeti wrote)")
     if variables is None:
         variables = xen.from_xenstore(store, backend)
         log.warning("xen", instance=instance, result="no NIC file",

@@ -54,8 +54,9 @@ class Netns:
                               capture_output=True, text=True, check=check, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
-    def ip(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True)
+    def ip(self, *args: str, check: bool = True, input_text: str | None = None) -> str:
+        r = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True,
+                           input=input_text)
         if check and r.returncode != 0:
             raise AssertionError(f"ip -n {self.name} {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout

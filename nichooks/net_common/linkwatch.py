@@ -42,11 +42,16 @@ def decode(data: bytes) -> list[LinkEvent]:
     offset = 0
     while offset + _NLMSG.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
+        if length < _NLMSG.size or offset + length > len(data):
             break
         body = offset + _NLMSG.size
         if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFO.size <= offset + length:
-            _family, _type, index, flags, _change = _IFINFO.unpack_from(data, body)
+            family, _type, index, flags, _change = _IFINFO.unpack_from(data, body)
+            if family != socket.AF_UNSPEC:
+                # AF_BRIDGE: a port joining or leaving a bridge (an RTM_DELLINK of
+                # these is a port leaving its bridge, not a device going away).
+                offset += (length + 3) & ~3
+                continue
             name, master = "", None
             at = body + _IFINFO.size
             end = offset + length

@@ -23,10 +23,14 @@ from tests.integration.ovs_env import Switch
 from tests.integration.qemu_harness import Nic as QemuNic
 from tests.integration.qemu_harness import QemuVM, qemu_binary
 from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
+from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
 from tests.nstools import Netns, bin_path, hook_env, require_root, wait_for
 
-VANISH_LIMIT = 1.0  # the bound for undoing a vanished NIC
+# The agent undoes a vanished NIC in ~70-170 ms here (bench/agent.py measures it); the
+# tests allow more so that a loaded CI machine cannot make them flake, and the figures
+# come from the benchmark, not from a timed test.
+VANISH_LIMIT = 3.0
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def test_bridged_tap_vanishes_and_is_undone(site: Site, tmp_path: Path) -> None:
 def test_bridge_recreated_and_tap_detached_are_reattached(site: Site, tmp_path: Path) -> None:
     site.add_bridge("br0")
     site.add_tap()
-    with agent_for(site, tmp_path) as agent:
+    with agent_for(site, tmp_path) as agent, show_log_on_failure(agent):
         assert site.hook("kvm-ifup", "tap0").returncode == 0
         site.host.ip("link", "set", "tap0", "nomaster")
         wait_for("tap0 back on br0", lambda: site.host.link("tap0").get("master") == "br0")
@@ -127,10 +131,11 @@ def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
             assert world.ifup(world.a, guest).returncode == 0
             for _round in range(3):
                 t0 = time.monotonic()
-                world.a.ns.ip("link", "del", "tap0")
-                guest = world.plug(world.a, guest.ns, nic_uuid=guest.nic_uuid)
+                world.a.ns.ip("-batch", "-", input_text=f"link del tap0\nlink add tap0 type veth "
+                              f"peer name eth0 netns {guest.ns.name}\n")
                 gap = time.monotonic() - t0
                 assert gap < 0.1, f"the test took {gap:.3f}s to re-create the tap"
+                configure_guest(guest)
                 up = world.ifup(world.a, guest)
                 assert up.returncode == 0, up.stderr
                 time.sleep(0.5)  # let the agent act on the deletion, whatever it decides
@@ -146,6 +151,14 @@ def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
             assert "Traceback" not in agent.log()
             assert world.ifdown(world.a).returncode == 0
             assert not any(routed_residue(world.a).values())
+
+
+def configure_guest(guest: RoutedGuest) -> None:
+    ns = guest.ns
+    ns.ip("link", "set", "eth0", "address", guest.mac)
+    ns.ip("addr", "add", f"{guest.addr4}/24", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("route", "add", "default", "via", GW4, "dev", "eth0")
 
 
 def test_uplink_down_up_gets_its_proxy_entries_back(tmp_path: Path) -> None:
