@@ -25,7 +25,7 @@ from tests.integration.qemu_harness import QemuVM, qemu_binary
 from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
 from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
-from tests.nstools import Netns, bin_path, hook_env, require_root, wait_for
+from tests.nstools import Netns, bin_path, hook_env, one_line, require_root, wait_for
 
 # The agent undoes a vanished NIC in ~70-170 ms here (bench/agent.py measures it); the
 # tests allow more so that a loaded CI machine cannot make them flake, and the figures
@@ -281,3 +281,54 @@ def test_qemu_sigkill_leaves_no_residue(tmp_path: Path) -> None:
             assert after == before, (agent.log(), vm.log())
             assert not any(routed_residue(host).values())
         print(f"QEMU SIGKILL: NIC undone {took * 1000:.0f} ms after the kill")
+
+
+# -- verify, without the agent ---------------------------------------------------------------
+def test_verify_reports_drift_and_repair_puts_it_back(site: Site) -> None:
+    site.add_bridge("br0")
+    site.add_tap()
+    assert site.hook("kvm-ifup", "tap0").returncode == 0
+    ok = site.hook("nichooks", "verify")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok "), ok.stdout + ok.stderr
+    site.host.ip("link", "set", "tap0", "nomaster")
+    drift = site.hook("nichooks", "verify", "tap0")
+    assert drift.returncode == 1, drift.stdout
+    assert drift.stdout.startswith("DRIFT "), drift.stdout
+    assert "missing: attach tap0 to bridge br0" in drift.stdout, drift.stdout
+    assert site.host.link("tap0").get("master") is None  # verify alone changes nothing
+    fixed = site.hook("nichooks", "verify", "--repair", site.nic_uuid)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "repaired: " in fixed.stdout and site.host.link("tap0").get("master") == "br0"
+    unknown = site.hook("nichooks", "verify", "nosuchtap")
+    assert unknown.returncode == 1 and "no NIC is journaled" in unknown.stderr
+    assert site.hook("kvm-ifdown", "tap0").returncode == 0
+
+
+def test_daemonized_agent_is_alone_and_stops_on_sigterm(site: Site) -> None:
+    site.add_bridge("br0")
+    site.add_tap()
+    started = site.hook("nichooks", "agent")  # python-daemon: returns once detached
+    assert started.returncode == 0, started.stderr
+    pidfile = site.state / "agent.pid"
+    pid = int(wait_for("the agent's pid file", lambda: pidfile.exists() and pidfile.read_text().strip()))
+    try:
+        assert alive(pid)
+        second = site.hook("nichooks", "agent", "--foreground")
+        assert second.returncode == 1
+        assert "another nichooks agent is running" in one_line(second.stderr)
+        assert site.hook("kvm-ifup", "tap0").returncode == 0
+        site.host.ip("link", "del", "tap0")  # the daemon does the work too
+        wait_for("the journal to go", lambda: not site.journals(), VANISH_LIMIT)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_for("the agent to stop", lambda: not alive(pid), 10)
+    assert not pidfile.exists()
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone and not a zombie (a daemon's parent here may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
