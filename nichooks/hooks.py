@@ -224,6 +224,7 @@ def ifup(request: Request) -> None:
     store.ensure()
     net = Host(settings)
     try:
+        net.ipr  # noqa: B018  pyroute2's import and socket before the lock, not while holding it
         with ExitStack() as stack:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
             # Preflight before converging: a refused ifup must leave an earlier plug
@@ -451,7 +452,7 @@ def ifdown(request: Request) -> list[str]:
             store.ensure()
             with ExitStack() as stack:
                 lock_nic(stack, store, key, tap, settings.lock_timeout, tap or key)
-                more, variables = _undo_journal(store, net, key, log)
+                more, variables = _undo_journal(store, net, key, log, tap)
                 warnings += more
     finally:
         net.close()
@@ -462,10 +463,12 @@ def ifdown(request: Request) -> list[str]:
     return warnings
 
 
-def _undo_journal(store: Store, net: Host, key: str,
-                  log: HookLog) -> tuple[list[str], dict[str, str]]:
+def _undo_journal(store: Store, net: Host, key: str, log: HookLog,
+                  tap: str | None = None) -> tuple[list[str], dict[str, str]]:
     """Replay one journal backwards; return (warnings, the NIC's plug-time variables
-    for the ifdown scripts)."""
+    for the ifdown scripts). With `tap`, only a journal of a plug on that tap: the key
+    was found before the lock was ours, and the NIC may have been re-plugged on another
+    tap meanwhile (a hot-modify), whose plug this late ifdown must not undo."""
     try:
         journal = store.load(key)
     except CorruptJournal as exc:
@@ -474,6 +477,10 @@ def _undo_journal(store: Store, net: Host, key: str,
         return [f"journal {key} is unreadable ({exc}); moved to {dest}, nothing undone"], {}
     if journal is None:
         log.info("ifdown", journal=key, result="nothing journaled")
+        return [], {}
+    if tap is not None and journal.tap != tap:
+        log.info("ifdown", journal=key, result="nothing journaled for this tap",
+                 journal_tap=journal.tap)
         return [], {}
     log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
     failed = undo_records(net, journal.records, log)
