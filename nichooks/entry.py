@@ -23,11 +23,32 @@ def _split(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
         any(a in ("-h", "--help") for a in argv[1:])
 
 
+# What str.splitlines() (and so a caller reading our stderr by lines) breaks a line on,
+# and every other control character but tab, as visible escapes.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def single_line(text: str) -> str:
+    """`text` with every line break and control character escaped.
+
+    An error or warning line is one line (DESIGN §4), whatever went into it: causes
+    and step names can carry text that came from a journal, xenstore, a kernel or
+    OVSDB message, and a newline there would forge a second `nichooks:` line."""
+    return text.translate(_ESCAPES)
+
+
+def print_warnings(lines: Sequence[str]) -> None:
+    """ifdown's "could not undo" lines, one `nichooks: warning:` line each."""
+    for line in lines:
+        print(single_line(f"nichooks: warning: {line}"), file=sys.stderr)
+
+
 def run_guarded(fn: Callable[[], int], verbose: bool) -> int:
     try:
         return fn()
     except NicHooksError as exc:
-        print(exc.line(), file=sys.stderr)
+        print(single_line(exc.line()), file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("nichooks: interrupted", file=sys.stderr)
@@ -37,7 +58,7 @@ def run_guarded(fn: Callable[[], int], verbose: bool) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"nichooks: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(single_line(f"nichooks: internal error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return EXIT_PLUMBING
 
 
@@ -103,7 +124,7 @@ def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int
         return EXIT_OK
 
     def go() -> int:
-        from nichooks.hooks import Request, down_context, ifdown, print_warnings
+        from nichooks.hooks import Request, down_context, ifdown
 
         if len(positionals) > 2:
             print(f"nichooks: {IFDOWN_USAGE}", file=sys.stderr)

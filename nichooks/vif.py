@@ -64,7 +64,7 @@ def backend_path(env: Mapping[str, str]) -> str:
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    from nichooks.entry import run_guarded
+    from nichooks.entry import run_guarded, single_line
 
     env = dict(os.environ if env is None else env)
     verbose = any(a in ("-v", "--verbose") for a in argv[1:])
@@ -80,7 +80,7 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         try:
             return _dispatch(argv, env, verbose)
         except NicHooksError as exc:
-            _report_failure(env, backend, exc.line())
+            _report_failure(env, backend, single_line(exc.line()))
             raise
 
     return run_guarded(go, verbose)
@@ -103,6 +103,7 @@ def _report_failure(env: Mapping[str, str], backend: str, line: str) -> None:
 def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     from nichooks import hooks
     from nichooks import settings as settingsmod
+    from nichooks.entry import print_warnings
     from nichooks.sources import xen
 
     command, type_if = _arguments(argv)
@@ -127,7 +128,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     if command in ("offline", "remove"):
         request = hooks.Request(env={**base, "INTERFACE": dev}, tap=dev, context="shutdown",
                                 verbose=verbose)
-        hooks.print_warnings(hooks.ifdown(request))
+        print_warnings(hooks.ifdown(request))
         return EXIT_OK
 
     instance, incoming = xen.domain_name(domid, env)

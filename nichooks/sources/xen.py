@@ -48,8 +48,13 @@ def _tool(name: str, env: Mapping[str, str]) -> str:
 
 
 def _run(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Output decoded as UTF-8 with undecodable bytes kept as surrogates (as Python
+    does for argv and the environment): xenstore and `xl domname` hold whatever a
+    guest's toolstack put there, and a strict decode would raise before any check
+    could refuse the value by name."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+        return subprocess.run(argv, capture_output=True, encoding="utf-8",
+                              errors="surrogateescape", timeout=TOOL_TIMEOUT,
                               check=False, env=dict(env), stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise PlumbingError(f"{argv[0]} did not answer within {TOOL_TIMEOUT:g}s", step="xen") from None
