@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from nichooks.entry import kvm_ifdown, kvm_ifup, run_guarded
+from nichooks.entry import kvm_ifdown, kvm_ifup, run_guarded, single_line
 from nichooks.errors import EXIT_OK, EXIT_PLUMBING
 
 
@@ -77,12 +77,12 @@ def _status(args: argparse.Namespace) -> int:
         if "error" in row:
             print(f"{row['key']}: {row['error']}")
             continue
-        print(f"{row['instance']} {row['tap']} uuid={row['uuid']} mode={row['mode']} "
-              f"link={row['link'] or '-'} state={row['state']}")
+        print(single_line(f"{row['instance']} {row['tap']} uuid={row['uuid']} mode={row['mode']} "
+                          f"link={row['link'] or '-'} state={row['state']}"))
         for item in row["items"]:
             mark = {True: "present", False: "MISSING", None: "unknown"}[item["present"]]
             extra = " (undo failed before)" if item["status"] == "failed" else ""
-            print(f"    [{mark}] {item['step']}{extra}")
+            print(single_line(f"    [{mark}] {item['step']}{extra}"))
     return EXIT_OK
 
 
@@ -95,7 +95,7 @@ def _sweep(args: argparse.Namespace) -> int:
     log = HookLog(verbose=args.verbose or settings.debug, context="sweep")
     actions = sweep(settings, dry_run=args.dry_run, log=log)
     for action in actions:
-        print(action.line())
+        print(single_line(action.line()))
     failed = [a for a in actions if a.what in ("failed", "corrupt")]
     print(f"sweep{' (dry run)' if args.dry_run else ''}: {len(actions)} findings, "
           f"{len(failed)} failed")
@@ -131,16 +131,16 @@ def _verify(args: argparse.Namespace) -> int:
                 found = drift(net, settings, journal)
                 if found and args.repair:
                     for action in repair(store, net, settings, key, log):
-                        print(f"  {action.line()}")
+                        print(single_line(f"  {action.line()}"))
                     journal = store.load(key) or journal
                     found = drift(net, settings, journal)
             if found:
                 drifted += 1
-                print(f"DRIFT {label(journal)}")
+                print(single_line(f"DRIFT {label(journal)}"))
                 for line in found:
-                    print(f"    {line}")
+                    print(single_line(f"    {line}"))
             else:
-                print(f"ok    {label(journal)}")
+                print(single_line(f"ok    {label(journal)}"))
     finally:
         net.close()
     if not keys:

@@ -48,12 +48,20 @@ def list_scripts(directory: Path) -> tuple[list[Path], list[ScriptFailure]]:
         dir_st = directory.stat()
     except FileNotFoundError:
         return [], []
+    except OSError as exc:  # a symlink loop: say so, as for any unusable script directory
+        return [], [ScriptFailure(directory, f"refusing to run scripts: {exc.strerror or exc}")]
+    if not stat.S_ISDIR(dir_st.st_mode):
+        return [], [ScriptFailure(directory, "refusing to run scripts: not a directory")]
     reason = unsafe_reason(directory, dir_st)
     if reason:
         return [], [ScriptFailure(directory, f"refusing to run scripts: {reason}")]
     run: list[Path] = []
     refused: list[ScriptFailure] = []
-    for name in sorted(os.listdir(directory)):
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        return [], [ScriptFailure(directory, f"refusing to run scripts: {exc.strerror or exc}")]
+    for name in names:
         if _SKIP.search(name):
             continue
         path = directory / name

@@ -58,15 +58,12 @@ def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
     else:
         raise InvalidInput("INTERFACE", "is not set and no TAP argument was given")
     spec = settings.specs_dir / tap
-    try:
-        text = spec.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidInput("MODE", f"is not set and there is no spec file {spec}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(str(spec), f"cannot be read: {exc}") from None
-    from nichooks.shellvars import parse_assignments
+    from nichooks.shellvars import read_assignments
 
-    variables = parse_assignments(text, str(spec))
+    found = read_assignments(spec)  # a regular file only: a FIFO must not hang QEMU
+    if found is None:
+        raise InvalidInput("MODE", f"is not set and there is no spec file {spec}")
+    variables = found
     variables["INTERFACE"] = tap  # the device is the one QEMU named, whatever the file says
     for name in ("MIGRATION_PHASE",):
         if env.get(name):
@@ -331,7 +328,11 @@ def run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
                 *, stop_on_failure: bool) -> list[ScriptFailure]:
     from nichooks import custom
 
-    script_env = {**env, **variables, "ACTION": action, "NICHOOKS_CONTEXT": context}
+    # Only the NIC's own variables, from a journal that may have been tampered with: never
+    # PATH or LD_PRELOAD for root-run scripts, never a NUL that execve refuses.
+    nic_vars = {k: v for k, v in variables.items()
+                if k in nicmod.GANETI_VARS and "\0" not in v and "=" not in k}
+    script_env = {**env, **nic_vars, "ACTION": action, "NICHOOKS_CONTEXT": context}
     return custom.run_scripts(settings.conf_dir / f"if{action}.d", tap, script_env,
                               settings.script_timeout, log, stop_on_failure=stop_on_failure)
 
@@ -497,8 +498,10 @@ def _undo_journal(store: Store, net: Host, key: str, log: HookLog,
 
 
 def print_warnings(lines: list[str]) -> None:
+    from nichooks.entry import single_line
+
     for line in lines:
-        print(f"nichooks: warning: {line}", file=sys.stderr)
+        print(f"nichooks: warning: {single_line(line)}", file=sys.stderr)
 
 
 __all__ = [

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nichooks.errors import InvalidInput
+from nichooks.errors import InvalidInput, PlumbingError
+from nichooks.validate import ifname
 
 FORMAT = 1
+MAX_JOURNAL = 4 << 20  # bytes: far above any real journal, far below a runaway file
 _KEY = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(-[a-z0-9]{1,16})?")
 
 DIR_MODE = 0o755
@@ -114,15 +116,18 @@ class Journal:
                     and isinstance(d.get("dev"), str) for d in deferred):
                 raise CorruptJournal("bad deferred entries")
             return cls(
-                key=check_key(str(data["key"])), tap=str(data["tap"]), mode=str(data["mode"]),
+                # The tap names files (taps/<tap>, locks/tap-<tap>.lock): a name like
+                # "../../x" would reach outside the state directory.
+                key=check_key(str(data["key"])), tap=ifname("journal tap", str(data["tap"])),
+                mode=str(data["mode"]),
                 instance=str(data.get("instance", "")), link=data.get("link"),
                 ifindex=ifindex, context=str(data.get("context", "")),
                 state=str(data.get("state", "")), created=float(data.get("created", 0)),
                 variables=variables, records=[Record.from_json(r) for r in records],
                 deferred=[{"addr": d["addr"], "dev": d["dev"]} for d in deferred],
             )
-        except (KeyError, TypeError, ValueError, InvalidInput) as exc:
-            raise CorruptJournal(str(exc)) from None
+        except (KeyError, TypeError, ValueError, OverflowError, InvalidInput) as exc:
+            raise CorruptJournal(str(exc)[:200]) from None
 
 
 class Store:
@@ -139,9 +144,16 @@ class Store:
     def ensure(self) -> None:
         for d in (self.root, self.nics, self.taps, self.tmp, self.locks):
             try:
-                d.mkdir(mode=DIR_MODE, exist_ok=True)
-            except FileNotFoundError:
-                d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                try:
+                    d.mkdir(mode=DIR_MODE, exist_ok=True)
+                except FileNotFoundError:
+                    d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise PlumbingError(f"state directory {d} exists and is not a directory "
+                                    "(NICHOOKS_STATE_DIR)") from None
+            except OSError as exc:
+                raise PlumbingError(f"cannot create state directory {d}: "
+                                    f"{exc.strerror or exc}") from None
 
     # -- journals ---------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -152,14 +164,20 @@ class Store:
 
     def load(self, key: str) -> Journal | None:
         """The journal for `key`, None if there is none; CorruptJournal if unreadable."""
+        from nichooks.safefile import read_regular
+
         try:
-            text = self.path(key).read_bytes()
-        except FileNotFoundError:
+            text = read_regular(self.path(key), MAX_JOURNAL)
+        except OSError as exc:
+            raise CorruptJournal(f"{self.path(key)}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise CorruptJournal(str(exc)) from None
+        if text is None:
             return None
         try:
             journal = Journal.from_json(json.loads(text))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptJournal(f"{self.path(key)}: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise CorruptJournal(f"{self.path(key)}: {str(exc)[:200]}") from None
         if journal.key != key:
             raise CorruptJournal(f"{self.path(key)} holds key {journal.key}")
         return journal
@@ -199,9 +217,12 @@ class Store:
 
     # -- tap index --------------------------------------------------------
     def tap_owner(self, tap: str) -> str | None:
+        from nichooks.safefile import read_regular
+
         try:
-            key = (self.taps / tap).read_text().strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            raw = read_regular(self.taps / tap, 256)
+            key = raw.decode().strip() if raw is not None else ""
+        except (OSError, ValueError):  # not a file we wrote: no owner
             return None
         return key if _KEY.fullmatch(key) else None
 
@@ -234,7 +255,11 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except IsADirectoryError:
+            tmp.unlink()
+            raise PlumbingError(f"{dest} is a directory nichooks did not make; remove it") from None
         dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)

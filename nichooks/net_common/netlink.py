@@ -227,6 +227,9 @@ def sysctl_path(key: str) -> str:
     """`net.ipv4.conf.tap0.proxy_arp` -> /proc/sys/net/ipv4/conf/tap0/proxy_arp. Device
     names may contain dots, so the device part is passed separately by callers that
     build keys (see conf_key)."""
+    parts = key.split("/")
+    if parts[0] != "net" or len(parts) < 3 or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{key!r} is not a network sysctl")  # a tampered journal
     return "/proc/sys/" + key
 
 

@@ -88,22 +88,26 @@ def table_files(directory: Path) -> list[Path]:
 def resolve_table(link: str | None, directory: Path) -> int:
     if link is None:
         return MAIN_TABLE
-    if link.isdigit():
+    if link.isascii() and link.isdigit() and 0 < int(link) < 2 ** 32:
         return int(link)
     if link in BUILTIN_TABLES:
         return BUILTIN_TABLES[link]
+    from nichooks.safefile import read_regular
+
     for path in table_files(directory):
         try:
-            lines = path.read_text(errors="replace").splitlines()
-        except OSError:
+            raw = read_regular(path, 1 << 20)  # a FIFO there must not hang the hook
+        except (OSError, ValueError):
             continue
-        for line in lines:
+        for line in (raw or b"").decode(errors="replace").splitlines():
             words = line.split("#", 1)[0].split()
             if len(words) >= 2 and words[1] == link:
                 try:
-                    return int(words[0], 0)  # iproute2 accepts 0x64 as well as 100
+                    table = int(words[0], 0)  # iproute2 accepts 0x64 as well as 100
                 except ValueError:
                     continue
+                if 0 < table < 2 ** 32:
+                    return table
     raise PlumbingError(f"routing table {link!r} (LINK) is not named in {directory}/rt_tables "
                         "or rt_tables.d/*.conf")
 

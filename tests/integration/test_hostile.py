@@ -26,9 +26,9 @@ changes nothing, exit 1 is rolled back, exit 0 is undone exactly by ifdown.
 The figures: each property's example count is a constant below (N_*); `TRIED` counts
 the hook calls actually made, and the module prints the total at the end.
 
-Inputs that hit known bugs in modules this test's author could not change
-(hooks.py, journal.py, net_common/) are kept out of the properties and pinned as
-strict xfail tests at the end, so a fix shows up as an XPASS to remove the mark.
+The bugs these properties found are fixed; the tests at the end pin the worst of
+them (a journal naming files outside the state directory, undo writing outside
+/proc/sys, journal variables overriding PATH for the ifdown scripts).
 """
 
 from __future__ import annotations
@@ -683,12 +683,10 @@ json_value = st.recursive(json_scalar, lambda inner: st.one_of(
         ["ifindex", "dev", "attr", "old", "new", "addr", "table", "priority", "family", "port",
          "owner", "bridge", "cookie", "added", "removed", "key", "proto", "plen"]), inner, max_size=5)),
     max_leaves=8)
-# Known bugs kept out of this property (see the xfail tests below): a journal's `tap`
-# with a '/' reaches file names, and a FIFO or a directory where a journal is expected.
-# (A `step` with a newline is in: entry.single_line keeps the warnings one line each.)
-journal_tap = st.one_of(st.sampled_from([n for n in NAME_TRAPS if "/" not in n]), free_text.filter(
-    lambda t: "/" not in t and "\x00" not in t and t not in ("", ".", "..")), json_scalar.filter(
-    lambda v: not isinstance(v, str)))
+# A `tap` with '/' or '..' is in (it names files: the journal is refused as corrupt), and
+# a `step` with a newline (entry.single_line keeps the warnings one line each).
+journal_tap = st.one_of(st.sampled_from(NAME_TRAPS), free_text.filter(lambda t: "\x00" not in t),
+                        json_scalar.filter(lambda v: not isinstance(v, str)))
 record = st.fixed_dictionaries(
     {"kind": st.one_of(st.sampled_from(KINDS), json_scalar), "undo": st.one_of(json_value, st.dictionaries(
         st.sampled_from(["ifindex", "dev", "attr", "old", "new", "addr", "table", "key"]), json_scalar,
@@ -1049,27 +1047,12 @@ def _make(kind: str, path: Path, box: Box) -> None:
 
 
 FILE_KINDS = ["directory", "fifo", "loop", "dangling", "outside", "big", "empty"]
-KNOWN_HANG = "hooks.py/journal.py read it with a plain blocking open (bug, see the report)"
-KNOWN_SCRIPTS = ("custom.py list_scripts: a scripts directory that is not a directory (a file, "
-                 "a FIFO, a symlink loop) raises NotADirectoryError/ELOOP: an internal error, "
-                 "after the plumbing, with no rollback (bug, see the report)")
-KNOWN_DIR = ("journal.py: IsADirectoryError / ELOOP escape Store.load and Store.tap_owner "
-             "(bug, see the report)")
-
-
 def _wrong_kind_params() -> list[Any]:
     params = []
     for target in ("spec", "conf", "journal", "tap-index", "xen-nic", "rt_tables", "ifup.d",
                    "ifdown.d"):
         for kind in FILE_KINDS:
-            marks: list[Any] = []
-            if target.endswith(".d") and kind not in ("directory", "dangling"):
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_SCRIPTS))
-            if kind == "fifo" and target in ("spec", "journal", "tap-index", "rt_tables"):
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_HANG))
-            if kind in ("directory", "loop") and target in ("journal", "tap-index"):
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_DIR))
-            params.append(pytest.param(target, kind, marks=marks, id=f"{target}-{kind}"))
+            params.append(pytest.param(target, kind, id=f"{target}-{kind}"))
     return params
 
 
@@ -1118,9 +1101,6 @@ def test_files_of_the_wrong_kind(base_dir: Path, target: str, kind: str) -> None
 
 
 # -- known bugs in modules this property's author could not change -------------------------------------
-@pytest.mark.xfail(strict=True, reason="bug (journal.py Journal.from_json does not validate "
-                   "`tap`: it becomes the tap index path taps/<tap> that release_tap unlinks, and "
-                   "a lock name filelock creates directories for)")
 @pytest.mark.parametrize("tap", ["../../outside/victim", "../../../../outside/victim"])
 def test_journal_tap_with_a_slash_never_leaves_the_state_directory(base_dir: Path, tap: str) -> None:
     sandbox = Sandbox(base_dir)
@@ -1145,9 +1125,6 @@ def test_warning_lines_are_one_line_each_whatever_the_journal_says(base_dir: Pat
         assert len(outcome.error_lines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug (net_common/routed.py undo_sysctl and "
-                   "netlink.sysctl_write: a journal's sysctl key is joined to /proc/sys/ "
-                   "unchecked, so ../ writes anywhere)")
 def test_a_journal_cannot_make_undo_write_outside_proc_sys(base_dir: Path) -> None:
     sandbox = Sandbox(base_dir)
     with sandbox as box:
@@ -1162,9 +1139,6 @@ def test_a_journal_cannot_make_undo_write_outside_proc_sys(base_dir: Path) -> No
         sandbox.call("ifdown", ["kvm-ifdown", TAP], env)
 
 
-@pytest.mark.xfail(strict=True, reason="bug (hooks.ifdown/_undo_journal: a journal's `variables` "
-                   "reach the ifdown scripts' environment unfiltered: a name with '=' or a NUL in a "
-                   "value is an internal error, and PATH or LD_PRELOAD replace the caller's)")
 @pytest.mark.parametrize("variables", [{"A=B": "x"}, {"MAC": "x\x00y"}, {"PATH": "/nonexistent"}],
                          ids=["equals-in-name", "nul-in-value", "path"])
 def test_journal_variables_reach_scripts_only_as_ganeti_variables(
