@@ -24,6 +24,7 @@ import select
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from nichooks import settings as settingsmod
 from nichooks.errors import EXIT_OK, LockTimeout, PlumbingError
@@ -68,7 +69,7 @@ class Agent:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, wakeup: int | None = None) -> None:
-        self.full_pass("start")
+        self.guarded(self.full_pass, "start")
         next_tick = time.monotonic() + self.settings.agent_interval
         ticks = 0
         while not self.stopping:
@@ -86,17 +87,27 @@ class Agent:
                     events += self.watch.read()
                 except Overflow:
                     self.log().warning("agent", result="events lost (ENOBUFS)", action="full sweep")
-                    self.full_pass("overflow")
+                    self.guarded(self.full_pass, "overflow")
                     continue
-                self.handle(events)
-            self._run_retries()
+                self.guarded(self.handle, events)
+            self.guarded(self._run_retries)
             if time.monotonic() >= next_tick:
                 ticks += 1
                 if ticks % SWEEP_EVERY == 0:
-                    self.full_pass("periodic")
+                    self.guarded(self.full_pass, "periodic")
                 else:
-                    self.check_ovs()
+                    self.guarded(self.check_ovs)
                 next_tick = time.monotonic() + self.settings.agent_interval
+
+    def guarded(self, fn: Any, *args: Any) -> None:
+        """Run one of the loop's actions; the agent outlives any failure of one (a
+        journal of an unexpected shape, a full /run), which it logs."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._reset_ovsdb()
+            self.log().error("agent", result="internal error", action=getattr(fn, "__name__", "?"),
+                             cause=f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         self.watch.close()
@@ -152,6 +163,7 @@ class Agent:
         """Undo the NIC whose device (by ifindex) is gone, unless a newer plug owns it."""
         log = self.log(uuid=key)
         teardown: Teardown | None = None
+        self.net.drop_ovsdb()
         try:
             with locked(self.store, key, LOCK_WAIT):
                 actions, teardown = settle(self.store, self.net, key, log, only_index=index)
@@ -168,11 +180,15 @@ class Agent:
 
     def repair(self, key: str) -> None:
         log = self.log(uuid=key)
+        self.net.drop_ovsdb()
         try:
             with locked(self.store, key, 0.05):
                 actions = repair(self.store, self.net, self.settings, key, log, quick=True)
         except LockTimeout:
-            return  # a hook is working on the NIC and verifies it itself
+            # A hook (or verify, or a sweep) has the NIC: look again shortly, the drift
+            # may have happened after that hook's own read-back.
+            self.later[(key, -1)] = time.monotonic() + BUSY_RETRY
+            return
         except CorruptJournal:
             return  # the next sweep moves it aside
         except Exception as exc:
@@ -198,7 +214,7 @@ class Agent:
             ports = {(name, owner) for name, owner, _u in db.owned_ports(self.settings.ovsdb, deadline)}
             openflow = self.net.openflow()
             cookies: dict[str, set[int]] = {}
-            for bridge in {r.undo["bridge"] for j in journals for r in j.records
+            for bridge in {str(r.undo.get("bridge")) for j in journals for r in j.records
                            if r.kind == "ovs.flows"}:
                 cookies[bridge] = openflow.cookies(bridge) if openflow.exists(bridge) else set()
         except Exception as exc:
@@ -255,21 +271,23 @@ class Agent:
 
 
 def _depends_on(journal: Journal) -> set[str]:
-    names = {journal.link} if journal.link and journal.mode in ("bridged", "openvswitch") else set()
+    names = ({str(journal.link)} if journal.link and journal.mode in ("bridged", "openvswitch")
+             else set())
     for record in journal.records:
         if record.kind == "route.proxy" and record.undo.get("dev") != journal.tap:
             names.add(str(record.undo.get("dev")))
-    return names - {journal.tap, ""}
+    return names - {journal.tap, "", "None"}
 
 
 def _ovs_missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:
     for record in journal.records:
         if record.status == "failed":
             continue
-        if record.kind == "ovs.port" and (record.undo["port"], record.undo["owner"]) not in ports:
+        undo = record.undo
+        if record.kind == "ovs.port" and (undo.get("port"), undo.get("owner")) not in ports:
             return True
-        if record.kind == "ovs.flows" and int(record.undo["cookie"]) not in cookies.get(
-                record.undo["bridge"], set()):
+        if record.kind == "ovs.flows" and undo.get("cookie") not in cookies.get(
+                str(undo.get("bridge")), set()):
             return True
     return False
 

@@ -37,6 +37,13 @@ class Host(Routing):
 
         return OpenFlow(self.settings.ovs_rundir, self.settings.ovs_timeout)
 
+    def drop_ovsdb(self) -> None:
+        """Forget the OVSDB replica: a long-lived caller (the agent) reads afresh, since
+        the IDL only learns of others' changes while it is being run."""
+        if self._ovsdb is not None:
+            self._ovsdb.close()
+            self._ovsdb = None
+
     def close(self) -> None:
         if self._ovsdb is not None:
             self._ovsdb.close()

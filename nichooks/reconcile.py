@@ -100,6 +100,23 @@ def undo_whole(store: Store, net: Host, journal: Journal, log: HookLog) -> list[
     return failed
 
 
+# Undo kinds that find their object by the tap's *name*, not its ifindex.
+BY_TAP_NAME = ("route.rule",)
+
+
+def _drop_claimed_by_others(store: Store, journal: Journal, log: HookLog) -> None:
+    """A stale journal's records that find their object by tap name are dropped when
+    another NIC has claimed that tap name since: its rule looks the same as ours."""
+    owner = store.tap_owner(journal.tap)
+    if owner is None or owner == journal.key:
+        return
+    kept = [r for r in journal.records if r.kind not in BY_TAP_NAME]
+    if len(kept) != len(journal.records):
+        log.info("sweep", result="skipped", cause=f"{journal.tap} now belongs to {owner}",
+                 records=len(journal.records) - len(kept))
+        journal.records = kept
+
+
 def _failed_text(failed: list[Record]) -> str:
     return "; ".join(f"{r.step} ({r.error})" for r in failed)
 
@@ -131,18 +148,28 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
         if dry_run:
             return [Action(name, what, f"would undo {len(journal.records)} records: {why}")], None
         log.info("sweep", result=what, cause=why, records=len(journal.records))
+        _drop_claimed_by_others(store, journal, log)
+        state_before = journal.state
         failed = undo_whole(store, net, journal, log)
         if failed:
             return [Action(name, "failed", f"{why}; could not undo: {_failed_text(failed)}",
                            ok=False)], None
-        teardown = Teardown(journal.tap, dict(journal.variables)) if what == "undone" else None
+        # ifdown scripts once per NIC, as kvm-ifdown runs them: an `undo-failed` journal
+        # is one whose ifdown (and its scripts) ran already.
+        teardown = (Teardown(journal.tap, dict(journal.variables))
+                    if what == "undone" and state_before != "undo-failed" else None)
         return [Action(name, what, f"{why}; undid {len(journal.records)} records")], teardown
     if device == RENAMED:
         return [Action(name, "kept", f"ifindex {journal.ifindex} is no longer called "
                        f"{journal.tap}; left alone", ok=False)], None
+    # A failed record carried into a newer plug of the NIC may name what that plug now
+    # uses (a rule by tap name, the port by name, the flows by cookie): retry it only if
+    # no live record of the same kind could be the same thing.
     retry = [r for r in journal.records if r.status == "failed"
-             and not any(o is not r and o.status != "failed" and o.kind == r.kind
-                         and o.step == r.step for o in journal.records)]
+             and not any(o.status != "failed" and o.kind == r.kind for o in journal.records)]
+    owner = store.tap_owner(journal.tap)
+    if owner is not None and owner != journal.key:
+        retry = [r for r in retry if r.kind not in BY_TAP_NAME]
     if not retry:
         return [], None
     if dry_run:
@@ -161,6 +188,16 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
         return [Action(name, "failed", f"retried undo still fails: {_failed_text(still)}",
                        ok=False)], None
     return [Action(name, "retried", f"undid {len(retry)} records that had failed before")], None
+
+
+def _quarantined(store: Store) -> set[str]:
+    import os
+
+    try:
+        names = os.listdir(store.corrupt)
+    except OSError:
+        return set()
+    return {n.split(".", 1)[0] for n in names}
 
 
 def run_teardowns(settings: Settings, teardowns: list[Teardown], log: HookLog) -> None:
@@ -235,7 +272,9 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
         ports = db.owned_ports(settings.ovsdb, deadline)
     except Exception as exc:  # OvsdbError, OpenFlowError: report, do not abort the sweep
         return [Action(settings.ovsdb, "failed", f"cannot read Open vSwitch: {exc}", ok=False)]
-    keys = set(store.journal_keys())
+    # Keys with a journal, readable or moved aside as corrupt: a journal we cannot read
+    # is not proof that its NIC is gone (a format from another version, a bad disk).
+    keys = set(store.journal_keys()) | _quarantined(store)
     for name, owner, _uuid in ports:
         try:
             key = check_key(owner)
@@ -243,6 +282,13 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
             actions.append(Action(name, "kept", f"owner mark {owner!r} is not a NIC key", ok=False))
             continue
         if key in keys:
+            continue
+        if net.find(name) is not None:
+            # The device is there: a live guest may be behind it. Without its journal we
+            # cannot tell; say so rather than unplug it.
+            actions.append(Action(name, "kept", f"owned by {key}, which has no journal, but "
+                                  "the device exists; left alone", ok=False))
+            keys.add(key)
             continue
         if dry_run:
             actions.append(Action(name, "orphan-port", f"would delete: no journal for {key}"))
@@ -260,7 +306,7 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
             continue
         log.info("sweep", port=name, owner=key, result="orphan port deleted")
         actions.append(Action(name, "orphan-port", f"deleted: no journal for {key}"))
-    wanted = {cookie(k) for k in store.journal_keys()}
+    wanted = {cookie(k) for k in keys | set(store.journal_keys())}
     for bridge, cookies in sorted(found.items()):
         orphans = sorted(cookies - wanted)
         if not orphans:

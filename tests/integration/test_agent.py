@@ -332,3 +332,20 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_sweep_never_unplugs_a_live_guest_whose_journal_is_unreadable(
+        switch: Switch, dirs: tuple[Path, Path]) -> None:
+    """A journal nichooks cannot read (another version's format, a bad disk) is moved
+    aside; the guest behind it is still running, so its port and flows stay."""
+    guest = switch.add_guest("tapa", "52:54:00:00:00:0a", "10.0.0.10/24")
+    env = switch.nic_env(*dirs, guest)
+    assert switch.hook("kvm-ifup", "tapa", env=env).returncode == 0
+    flows = switch.our_flows("br0")
+    (dirs[0] / "nics" / f"{guest.uuid}.json").write_text('{"format": 99}')
+    sweep = switch.hook("nichooks", "sweep", env=env)
+    assert sweep.returncode == 1, sweep.stdout  # the corrupt journal is reported
+    assert "corrupt: " in sweep.stdout, sweep.stdout
+    assert "tapa" in switch.ports("br0") and switch.our_flows("br0") == flows
+    again = switch.hook("nichooks", "sweep", env=env)  # the journal is in corrupt/ now
+    assert "tapa" in switch.ports("br0") and switch.our_flows("br0") == flows, again.stdout
