@@ -171,7 +171,7 @@ class Store:
         except OSError as exc:
             raise CorruptJournal(f"{self.path(key)}: {exc.strerror or exc}") from None
         except ValueError as exc:
-            raise CorruptJournal(str(exc)) from None
+            raise CorruptJournal(f"{self.path(key)} {exc}") from None
         if text is None:
             return None
         try:

@@ -21,22 +21,31 @@ def read_regular(path: Path, limit: int) -> bytes | None:
     """The file's bytes; None if it does not exist. NotReadable if it is not a regular
     file or is larger than `limit`; OSError for what the kernel refuses (ELOOP, EACCES)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(path, OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotReadable(f"{path} is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        return read_fd(fd, limit)
     finally:
         os.close(fd)
+
+
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def read_fd(fd: int, limit: int) -> bytes:
+    """What an open descriptor holds, if it is a regular file of at most `limit` bytes
+    (NotReadable otherwise; the caller closes it)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise NotReadable("is not a regular file")
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = os.read(fd, limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
     if size > limit:
-        raise NotReadable(f"{path} is larger than {limit} bytes")
+        raise NotReadable(f"is larger than {limit} bytes")
     return b"".join(chunks)

@@ -329,36 +329,19 @@ def read_assignments(path: Path, source: str | None = None) -> dict[str, str] | 
     opened non-blocking (a FIFO left where the file should be would otherwise hang
     the hook, and the hypervisor waiting for it) and checked with fstat before any
     read. Anything else raises :class:`InvalidInput` naming the file."""
-    import os
-    import stat
+    from nichooks.safefile import NotReadable, read_regular
 
     name = source or str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except (FileNotFoundError, NotADirectoryError):
+        data = read_regular(path, MAX_FILE)
+    except NotReadable as exc:
+        raise InvalidInput(name, f"{exc}: not a NIC description") from None
+    except OSError as exc:
+        raise InvalidInput(name, f"cannot be read: {exc.strerror or exc}") from None
+    if data is None:
         return None
-    except OSError as exc:
-        raise InvalidInput(name, f"cannot be read: {exc.strerror or exc}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput(name, "is not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_FILE:
-            chunk = os.read(fd, MAX_FILE + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise InvalidInput(name, f"cannot be read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_FILE:
-        raise InvalidInput(name, f"is larger than {MAX_FILE} bytes: not a NIC description")
-    try:
-        text = b"".join(chunks).decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(name, f"is not UTF-8 text (byte {exc.start})") from None
     return parse_assignments(text, name)

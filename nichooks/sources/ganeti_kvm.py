@@ -62,7 +62,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -407,22 +406,11 @@ def _read_at(
             fd = os.open(sibling, flags, dir_fd=dir_fd)
         except OSError:
             return None
+    from nichooks.safefile import read_fd
+
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        chunks = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            return None
-        return b"".join(chunks), info.st_mtime_ns
-    except OSError:
+        return read_fd(fd, limit), os.fstat(fd).st_mtime_ns
+    except (OSError, ValueError):  # ValueError: NotReadable
         return None
     finally:
         os.close(fd)
