@@ -20,12 +20,13 @@ from tests.integration.agent_env import AgentProc, timed
 from tests.integration.bridged_env import Site
 from tests.integration.ovs_env import Guest as OvsGuest
 from tests.integration.ovs_env import Switch
+from tests.integration.ovs_env import _alive as alive
 from tests.integration.qemu_harness import Nic as QemuNic
 from tests.integration.qemu_harness import QemuVM, qemu_binary
 from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
 from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
-from tests.nstools import Netns, bin_path, hook_env, one_line, require_root, wait_for
+from tests.nstools import bin_path, hook_env, one_line, require_root, wait_for
 
 # The agent undoes a vanished NIC in ~70-170 ms here (bench/agent.py measures it); the
 # tests allow more so that a loaded CI machine cannot make them flake, and the figures
@@ -33,15 +34,6 @@ from tests.nstools import Netns, bin_path, hook_env, one_line, require_root, wai
 VANISH_LIMIT = 3.0
 
 
-@pytest.fixture
-def site(dirs: tuple[Path, Path]) -> Iterator[Site]:
-    require_root()
-    host, guest = Netns(), Netns()
-    try:
-        yield Site(host=host, guest=guest, state=dirs[0], conf=dirs[1])
-    finally:
-        guest.delete()
-        host.delete()
 
 
 @contextmanager
@@ -188,16 +180,6 @@ def test_uplink_down_up_gets_its_proxy_entries_back(tmp_path: Path) -> None:
 
 
 # -- Open vSwitch ------------------------------------------------------------------------
-@pytest.fixture
-def switch(netns: Netns, tmp_path: Path) -> Iterator[Switch]:
-    sw = Switch(netns, tmp_path)
-    try:
-        sw.start()
-        sw.add_bridge("br0")
-        yield sw
-    finally:
-        sw.remove_guests()
-        sw.stop()
 
 
 def ovs_agent(sw: Switch, dirs: tuple[Path, Path], guest: OvsGuest, tmp: Path) -> AgentProc:
@@ -324,14 +306,6 @@ def test_daemonized_agent_is_alone_and_stops_on_sigterm(site: Site) -> None:
         wait_for("the agent to stop", lambda: not alive(pid), 10)
     assert not pidfile.exists()
 
-
-def alive(pid: int) -> bool:
-    """Running: not gone and not a zombie (a daemon's parent here may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_sweep_never_unplugs_a_live_guest_whose_journal_is_unreadable(

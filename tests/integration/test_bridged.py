@@ -4,24 +4,12 @@ namespace behind a veth pair whose host end plays the tap."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.bridged_env import GUEST_MAC, Site
-from tests.nstools import Netns, one_line, require_root
-
-
-@pytest.fixture
-def site(dirs: tuple[Path, Path]) -> Iterator[Site]:
-    require_root()
-    host, guest = Netns(), Netns()
-    try:
-        yield Site(host=host, guest=guest, state=dirs[0], conf=dirs[1])
-    finally:
-        guest.delete()
-        host.delete()
+from tests.nstools import one_line
 
 
 def ready(site: Site, mtu: int = 1500) -> dict[str, object]:

@@ -70,7 +70,7 @@ from tests.integration.concurrency_env import (
     wait_until_polling_a_lock,
 )
 from tests.integration.ovs_env import Guest, Switch
-from tests.nstools import Netns, bin_path, hook_env, one_line, require_root
+from tests.nstools import Netns, bin_path, hook_env, one_line
 
 N = 32          # different NICs at once
 SAME = 8        # competing calls for one NIC
@@ -117,15 +117,6 @@ def print_figures() -> Iterator[None]:
 
 
 # -- Linux bridge --------------------------------------------------------------------------
-@pytest.fixture
-def site(dirs: tuple[Path, Path]) -> Iterator[Site]:
-    require_root()
-    host, guest = Netns(), Netns()
-    try:
-        yield Site(host=host, guest=guest, state=dirs[0], conf=dirs[1])
-    finally:
-        guest.delete()
-        host.delete()
 
 
 BRIDGE_MTU = {"br0": 1500, "br1": 9000, "br2": 1400}

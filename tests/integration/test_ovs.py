@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ovs-vswitchd").exists(),
                                 reason="openvswitch-switch is not installed")
 
 
-@pytest.fixture
-def switch(netns: Netns, tmp_path: Path) -> Iterator[Switch]:
-    sw = Switch(netns, tmp_path)
-    try:
-        sw.start()
-        sw.add_bridge("br0")
-        yield sw
-    finally:
-        sw.remove_guests()
-        sw.stop()
 
 
 def plug(sw: Switch, dirs: tuple[Path, Path], guest: Guest, **env: str) -> str:
