@@ -23,7 +23,7 @@ from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
 from nichooks.locks import acquire, lock_names
 from nichooks.log import HookLog
 from nichooks.net_common.netlink import NetlinkError
-from nichooks.plan import UNDO, Plan, load_backends
+from nichooks.plan import UNDO, Plan, Step, load_backends
 
 if TYPE_CHECKING:
     from nichooks.custom import ScriptFailure
@@ -290,14 +290,20 @@ def _verify(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journ
             log: HookLog, first_new: int) -> None:
     """Read back what was applied (nmstate's apply-verify-commit)."""
     for step in plan.steps:
-        try:
-            mismatch = step.verify(net)
-        except Exception as exc:  # cannot read back: as bad as a mismatch
-            mismatch = f"cannot read back: {_cause(exc)}"
+        mismatch = read_back(step, net)
         if mismatch:
             log.error("verify", step=step.describe(), result="mismatch", cause=mismatch)
             _rollback(store, net, nic, journal, log, first_new, f"read back: {mismatch}",
                       f"verify {step.describe()}")
+
+
+def read_back(step: Step, net: Host) -> str | None:
+    """What differs between the step and the host (None: nothing). Not being able to
+    read it back is as bad as a mismatch."""
+    try:
+        return step.verify(net)
+    except Exception as exc:
+        return f"cannot read back: {_cause(exc)}"
 
 
 def _rollback_quietly(store: Store, net: Host, nic: nicmod.Nic, journal: Journal,

@@ -392,11 +392,10 @@ def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
         steps = journaled_steps(net, settings, journal)
     except NicHooksError as exc:
         return [f"cannot rebuild the plan to compare: {exc}"]
+    from nichooks.hooks import read_back
+
     for step in steps:
-        try:
-            mismatch = step.verify(net)
-        except Exception as exc:
-            mismatch = f"cannot read back: {exc}"
+        mismatch = read_back(step, net)
         if mismatch:
             found.append(f"{step.describe()}: {mismatch}")
     return found
@@ -436,12 +435,11 @@ def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, 
         if device_state(net, journal) != PRESENT_DEVICE:
             return []  # the device went while we looked: the vanished path takes over
         return [Action(name, "failed", f"cannot rebuild the plan: {exc}", ok=False)]
+    from nichooks.hooks import _cause, read_back
+
     actions: list[Action] = []
     for step in steps:
-        try:
-            mismatch = step.verify(net)
-        except Exception as exc:
-            mismatch = f"cannot read back: {exc}"
+        mismatch = read_back(step, net)
         if not mismatch:
             continue
         try:
@@ -451,8 +449,6 @@ def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, 
             step.apply(net)
             again = step.verify(net)
         except Exception as exc:
-            from nichooks.hooks import _cause
-
             again = _cause(exc)
         if again and device_state(net, journal) != PRESENT_DEVICE:
             return actions  # the device went while we worked: the vanished path takes over
