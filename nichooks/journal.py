@@ -200,6 +200,14 @@ class Store:
         os.replace(self.path(key), dest)
         return dest
 
+    def quarantined_keys(self) -> set[str]:
+        """Keys of the journals moved to corrupt/ (named <key>.json.<time> by quarantine)."""
+        try:
+            names = os.listdir(self.corrupt)
+        except OSError:
+            return set()
+        return {n.split(".", 1)[0] for n in names if _KEY.fullmatch(n.split(".", 1)[0])}
+
     def journal_keys(self) -> list[str]:
         try:
             names = os.listdir(self.nics)

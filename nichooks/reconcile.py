@@ -190,16 +190,6 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
     return [Action(name, "retried", f"undid {len(retry)} records that had failed before")], None
 
 
-def _quarantined(store: Store) -> set[str]:
-    import os
-
-    try:
-        names = os.listdir(store.corrupt)
-    except OSError:
-        return set()
-    return {n.split(".", 1)[0] for n in names}
-
-
 def run_teardowns(settings: Settings, teardowns: list[Teardown], log: HookLog) -> None:
     """The administrator's ifdown scripts for NICs undone late, context `vanished`."""
     import os
@@ -274,7 +264,7 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
         return [Action(settings.ovsdb, "failed", f"cannot read Open vSwitch: {exc}", ok=False)]
     # Keys with a journal, readable or moved aside as corrupt: a journal we cannot read
     # is not proof that its NIC is gone (a format from another version, a bad disk).
-    keys = set(store.journal_keys()) | _quarantined(store)
+    keys = set(store.journal_keys()) | store.quarantined_keys()
     for name, owner, _uuid in ports:
         try:
             key = check_key(owner)
