@@ -16,12 +16,11 @@ from nichooks.errors import EXIT_OK, EXIT_PLUMBING
 
 def _plan(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.hooks import build_plan, nic_for_ifup
+    from nichooks.hooks import Request, build_plan, nic_for_ifup
     from nichooks.host import Host
 
-    env = os.environ
-    settings = settingsmod.load(env)
-    nic = nic_for_ifup(env, args.tap, settings)
+    settings = settingsmod.load(os.environ)
+    nic, _ignored = nic_for_ifup(Request(env=os.environ, tap=args.tap), settings)
     net = Host(settings)
     try:
         plan = build_plan(nic, net, settings)

@@ -41,15 +41,24 @@ class Request:
     context: str | None = None
     verbose: bool = False
     device: str = ""  # a second device of the NIC (Xen HVM "emu" tap): its own journal key
+    # The NIC's variables when a file supplied them (a Xen NIC file), already limited to
+    # Ganeti's names. `env` is then the real process environment: the only source of
+    # settings and of the custom scripts' base environment.
+    variables: Mapping[str, str] | None = None
 
 
 # -- where the NIC comes from ---------------------------------------------------
-def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
-                 settings: settingsmod.Settings) -> nicmod.Nic:
-    """The environment when MODE is set (Ganeti), else the spec file for the tap
-    (plain QEMU `script=`)."""
+def nic_for_ifup(request: Request,
+                 settings: settingsmod.Settings) -> tuple[nicmod.Nic, list[str]]:
+    """(the NIC, names a file set that are not Ganeti's and were ignored).
+
+    The variables a file supplied (Xen), else the environment when MODE is set
+    (Ganeti), else the spec file for the tap (plain QEMU `script=`)."""
+    env, tap_arg = request.env, request.tap
+    if request.variables is not None:
+        return nicmod.from_variables(request.variables, tap=tap_arg), []
     if env.get("MODE"):
-        return nicmod.from_variables(env, tap=tap_arg)
+        return nicmod.from_variables(env, tap=tap_arg), []
     interface = env.get("INTERFACE")
     if interface:
         tap = validate.ifname("INTERFACE", interface)
@@ -63,12 +72,12 @@ def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
     found = read_assignments(spec)  # a regular file only: a FIFO must not hang QEMU
     if found is None:
         raise InvalidInput("MODE", f"is not set and there is no spec file {spec}")
-    variables = found
+    variables, ignored = nicmod.ganeti_only(found)
     variables["INTERFACE"] = tap  # the device is the one QEMU named, whatever the file says
     for name in ("MIGRATION_PHASE",):
         if env.get(name):
             variables.setdefault(name, env[name])
-    return nicmod.from_variables(variables, tap=tap)
+    return nicmod.from_variables(variables, tap=tap), [f"{spec}: {name}" for name in ignored]
 
 
 def build_plan(nic: nicmod.Nic, net: Host, settings: settingsmod.Settings) -> Plan:
@@ -211,12 +220,14 @@ def _converge(store: Store, net: Host, nic: nicmod.Nic,
 
 def ifup(request: Request) -> None:
     settings = settingsmod.load(request.env)
-    nic = nic_for_ifup(request.env, request.tap, settings)
+    nic, ignored = nic_for_ifup(request, settings)
     if request.device:
         nic = replace(nic, device=request.device)
     context = request.context or ("migrate" if nic.migration_phase else "start")
     log = HookLog(verbose=request.verbose or settings.debug, instance=nic.instance,
                   uuid=nic.uuid, tap=nic.tap, context=context, mode=nic.mode)
+    for where in ignored:
+        log.warning("source", ignored=where, result="not a Ganeti NIC variable")
     store = Store(settings.state_dir)
     store.ensure()
     net = Host(settings)

@@ -28,6 +28,18 @@ GANETI_VARS = (
     "ACTION", "MIGRATION_PHASE",
 )
 
+def ganeti_only(found: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(Ganeti's NIC variables in `found`, the other names, sorted).
+
+    A file's assignments describe a NIC and nothing else. Ganeti writes some values
+    unquoted (a Xen NIC file's `INTERFACE_NAME=%s`), so a tenant's NIC name can add
+    assignments of its own: a file must never set our settings (NICHOOKS_*,
+    OVS_RUNDIR, GANETI_RUN_DIR) nor what root's scripts run with (PATH, LD_PRELOAD).
+    """
+    kept = {k: v for k, v in found.items() if k in GANETI_VARS}
+    return kept, sorted(k for k in found if k not in GANETI_VARS)
+
+
 # A fixed namespace so a NIC without INTERFACE_UUID (plain QEMU, Xen without a NIC
 # file) gets the same journal key on every node and every run.
 KEY_NAMESPACE = uuidlib.UUID("5b0c3e1e-8c1a-4f57-9d55-6e6963686f6b")

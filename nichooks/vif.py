@@ -102,6 +102,7 @@ def _report_failure(env: Mapping[str, str], backend: str, line: str) -> None:
 
 def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     from nichooks import hooks
+    from nichooks import nic as nicmod
     from nichooks import settings as settingsmod
     from nichooks.entry import print_warnings
     from nichooks.sources import xen
@@ -123,21 +124,27 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
         dev = _rename_to_vifname(store, backend, vif, log) if command == "online" else \
             _current_name(store, backend, vif)
 
-    base = {k: v for k, v in env.items() if k.startswith(("NICHOOKS_", "GANETI_", "OVS_"))
-            or k in ("PATH", "LANG", "LC_ALL")}
     if command in ("offline", "remove"):
-        request = hooks.Request(env={**base, "INTERFACE": dev}, tap=dev, context="shutdown",
+        request = hooks.Request(env={**env, "INTERFACE": dev}, tap=dev, context="shutdown",
                                 verbose=verbose)
         print_warnings(hooks.ifdown(request))
         return EXIT_OK
 
     instance, incoming = xen.domain_name(domid, env)
     path = xen.nic_file(settings.ganeti_run_dir, instance, devid)
-    variables = xen.read_nic_file(path)
-    if variables is not None and not variables.get("MODE"):
-        # Ganeti always writes MODE; without it ifup would look for a QEMU spec file
-        # and blame that instead of the file that is wrong.
-        raise InvalidInput(str(path), "sets no MODE (not a NIC file Ganeti wrote)")
+    found = xen.read_nic_file(path)
+    variables: dict[str, str] | None = None
+    if found is not None:
+        # Ganeti writes INTERFACE_NAME unquoted: a tenant's NIC name can append
+        # assignments of its own. Only Ganeti's names describe the NIC; settings and
+        # the scripts' environment come from libxl's environment alone.
+        variables, ignored = nicmod.ganeti_only(found)
+        for name in ignored:
+            log.warning("xen", file=path, ignored=name, result="not a Ganeti NIC variable")
+        if not variables.get("MODE"):
+            # Ganeti always writes MODE; without it ifup would look for a QEMU spec
+            # file and blame that instead of the file that is wrong.
+            raise InvalidInput(str(path), "sets no MODE (not a NIC file Ganeti wrote)")
     if variables is None:
         variables = xen.from_xenstore(store, backend)
         log.warning("xen", instance=instance, result="no NIC file",
@@ -146,7 +153,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     variables.setdefault("INTERFACE_INDEX", str(devid))
     if incoming:
         variables.setdefault("MIGRATION_PHASE", "pre")
-    request = hooks.Request(env={**base, **variables}, tap=dev,
+    request = hooks.Request(env=env, variables=variables, tap=dev,
                             context="migrate" if incoming else None, verbose=verbose,
                             device=EMU if type_if == "tap" else "")
     hooks.ifup(request)

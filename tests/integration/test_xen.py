@@ -187,3 +187,35 @@ def test_bad_invocations_exit_2(dom0: Dom0) -> None:
 def test_standins_are_executable() -> None:
     for tool in ("xenstore-read", "xenstore-write", "xl"):
         assert os.stat(STANDINS / tool).st_mode & stat.S_IXUSR
+
+
+def test_nic_file_cannot_set_settings_or_the_scripts_environment(dom0: Dom0) -> None:
+    """Ganeti writes INTERFACE_NAME unquoted: a tenant's NIC name becomes more
+    assignments. None of them may reach our settings or root's scripts."""
+    evil = dom0.root / "evil"
+    (evil / "ifup.d").mkdir(parents=True)
+    marker = dom0.root / "evil-ran"
+    (evil / "ifup.d" / "10-evil").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (evil / "ifup.d" / "10-evil").chmod(0o755)
+    script = dom0.root / "conf" / "ifup.d" / "10-record"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho \"${LD_PRELOAD-unset}|$NICHOOKS_CONF_DIR|"
+                      f"$NICHOOKS_STATE_DIR|$INTERFACE_NAME\" > {dom0.root}/seen\n")
+    script.chmod(0o755)
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE + (
+        f"INTERFACE_NAME=eth0 NICHOOKS_CONF_DIR={evil} LD_PRELOAD=/nonexistent/evil.so "
+        f"NICHOOKS_STATE_DIR={dom0.root}/evil-state NICHOOKS_OVS_ANTISPOOF=off\n"))
+    r = dom0.vif("-v", "online", "type_if=vif")
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert (dom0.root / "seen").read_text().strip() == \
+        f"unset|{dom0.root}/conf|{dom0.root}/state|eth0"
+    assert not (dom0.root / "evil-state").exists()
+    assert [p.name for p in (dom0.root / "state" / "nics").iterdir()] == [f"{UUID}.json"]
+    ignored = sorted(line.split("ignored=")[1].split()[0] for line in r.stderr.splitlines()
+                     if "ignored=" in line)
+    assert ignored == ["LD_PRELOAD", "NICHOOKS_CONF_DIR", "NICHOOKS_OVS_ANTISPOOF",
+                       "NICHOOKS_STATE_DIR"]
+    assert dom0.master("vif5.0") == "br0"
+    assert dom0.vif("offline", "type_if=vif").returncode == 0
+    assert dom0.master("vif5.0") is None
