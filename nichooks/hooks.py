@@ -9,17 +9,17 @@ agent process unchanged (DESIGN §2 "Speed").
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from nichooks import nic as nicmod
 from nichooks import settings as settingsmod
 from nichooks import validate
 from nichooks.errors import InvalidInput, NicHooksError, PlumbingError
 from nichooks.host import Host
-from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.journal import CorruptJournal, Journal, JournalWriteError, Record, Store, check_key
 from nichooks.locks import acquire, lock_names
 from nichooks.log import HookLog
 from nichooks.net_common.netlink import NetlinkError
@@ -254,16 +254,44 @@ def ifup(request: Request) -> None:
                    fault=request.env.get("NICHOOKS_TEST_FAULT", ""))
             _verify(store, net, nic, plan, journal, log, len(carried))
             announce(plan.announcements, log)
-            failures = run_custom(settings, nic.tap, request.env, nic.variables, "up",
-                                   context, log, stop_on_failure=True)
-            if failures:
-                _rollback(store, net, nic, journal, log, len(carried),
-                          f"custom script failed: {failures[0].reason}", "custom script")
-            journal.state = "applied"
-            store.save(journal)
+            _run_scripts_and_commit(store, net, nic, journal, log, len(carried),
+                                    lambda: run_custom(settings, nic.tap, request.env,
+                                                       nic.variables, "up", context, log,
+                                                       stop_on_failure=True))
             log.info("ifup", result="ok", steps=len(plan.steps))
     finally:
         net.close()
+
+
+def _run_scripts_and_commit(store: Store, net: Host, nic: nicmod.Nic, journal: Journal,
+                            log: HookLog, first_new: int,
+                            scripts: Callable[[], list[ScriptFailure]]) -> None:
+    """Run the ifup scripts between preparing the `applied` journal and renaming it
+    into place. Written before the scripts, the journal cannot be lost to a disk they
+    fill; if it cannot be written at all, or the rename fails, the plug is rolled
+    back: a journal left `applying` would make the next sweep undo a working NIC."""
+    journal.state = "applied"
+    try:
+        final = store.prepare_save(journal)
+    except JournalWriteError as exc:
+        journal.state = "applying"
+        _rollback(store, net, nic, journal, log, first_new, exc.cause, "journal")
+    try:
+        failures = scripts()
+    except BaseException:
+        final.discard()
+        raise
+    if failures:
+        final.discard()
+        journal.state = "applying"
+        _rollback(store, net, nic, journal, log, first_new,
+                  f"custom script failed: {failures[0].reason}", "custom script")
+    try:
+        final.commit()
+    except JournalWriteError as exc:
+        journal.state = "applying"
+        _rollback(store, net, nic, journal, log, first_new,
+                  f"{exc.cause} (the ifup scripts had run)", "journal")
 
 
 def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journal,
@@ -323,7 +351,12 @@ def _rollback_quietly(store: Store, net: Host, nic: nicmod.Nic, journal: Journal
     journal.records = journal.records[:first_new] + failed
     if journal.records:
         journal.state = "undo-failed"
-        store.save(journal)
+        try:
+            store.save(journal)
+        except JournalWriteError as exc:
+            # The journal on disk is the last complete one: it names every record
+            # still listed here (and some already undone, whose undo is idempotent).
+            log.error("journal", result="not saved", cause=exc.cause)
     else:
         store.delete(journal.key)
         store.release_tap(journal.tap, journal.key)
@@ -331,7 +364,7 @@ def _rollback_quietly(store: Store, net: Host, nic: nicmod.Nic, journal: Journal
 
 
 def _rollback(store: Store, net: Host, nic: nicmod.Nic, journal: Journal, log: HookLog,
-              first_new: int, cause: str, step: str) -> None:
+              first_new: int, cause: str, step: str) -> NoReturn:
     """Undo what this ifup applied and fail with one line."""
     failed = _rollback_quietly(store, net, nic, journal, log, first_new)
     if failed:
@@ -504,7 +537,10 @@ def _undo_journal(store: Store, net: Host, key: str, log: HookLog,
     failed = undo_records(net, journal.records, log)
     if failed:
         journal.records, journal.state = failed, "undo-failed"
-        store.save(journal)
+        try:
+            store.save(journal)
+        except JournalWriteError as exc:  # the complete older journal stays: retried later
+            log.error("journal", result="not saved", cause=exc.cause)
         log.error("ifdown", result="incomplete", failed=len(failed))
         return [f"{journal.tap} ({journal.key}): could not undo {r.step}: {r.error}; "
                 "kept in the journal for a later retry" for r in failed], journal.variables

@@ -15,6 +15,7 @@ Layout under the state directory:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -183,8 +184,7 @@ class Store:
         return journal
 
     def save(self, journal: Journal) -> None:
-        self._write_atomic(self.path(journal.key),
-                           json.dumps(journal.to_json(), indent=1, sort_keys=True).encode())
+        self._write_atomic(self.path(journal.key), _encode(journal))
 
     def delete(self, key: str) -> None:
         try:
@@ -248,28 +248,109 @@ class Store:
 
     # -- atomic writes ----------------------------------------------------
     def _write_atomic(self, dest: Path, data: bytes) -> None:
-        stem = dest.name
-        for stale in self.tmp.glob(f"{stem}.*.tmp"):
-            # The caller holds this file's lock, so no live writer owns these.
-            try:
-                stale.unlink()
-            except FileNotFoundError:
-                pass
-        tmp = self.tmp / f"{stem}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        """Replace `dest` with `data`, or leave it as it was and raise JournalWriteError.
+
+        On a full /run a short write must never replace a good journal with the
+        first part of one: every byte is written and fsynced before the rename, and
+        a temp file that could not be completed is removed."""
+        tmp = self._prepare(dest, data)
+        self._commit(tmp, dest)
+
+    def _prepare(self, dest: Path, data: bytes) -> Path:
+        """The complete, fsynced temp file that will become `dest`."""
+        self._remove_stale(dest.name)
+        tmp = self.tmp / f"{dest.name}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise JournalWriteError(dest, exc) from None
         try:
             os.fchmod(fd, FILE_MODE)
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:  # never for a regular file, but a loop must not spin
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                view = view[written:]
             os.fsync(fd)
-        finally:
+        except OSError as exc:
             os.close(fd)
+            _unlink_quietly(tmp)
+            raise JournalWriteError(dest, exc) from None
+        os.close(fd)
+        return tmp
+
+    def _commit(self, tmp: Path, dest: Path) -> None:
+        """Rename the prepared temp file over `dest`. A rename needs no data blocks, so
+        a disk that filled up since the temp file was written does not stop it."""
         try:
             os.replace(tmp, dest)
         except IsADirectoryError:
-            tmp.unlink()
+            _unlink_quietly(tmp)
             raise PlumbingError(f"{dest} is a directory nichooks did not make; remove it") from None
-        dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise JournalWriteError(dest, exc) from None
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:  # renamed, but not known to be durable: say so
+            raise JournalWriteError(dest, exc) from None
+
+    def prepare_save(self, journal: Journal) -> PreparedSave:
+        """Write `journal` to a temp file now and rename it into place later
+        (PreparedSave.commit): ifup's final `applied` state is written before the
+        custom scripts run, so that whatever they do to the disk, recording success
+        afterwards is only a rename."""
+        dest = self.path(journal.key)
+        return PreparedSave(self, self._prepare(dest, _encode(journal)), dest)
+
+    def _remove_stale(self, stem: str) -> None:
+        """Temp files left by an interrupted write of this same file, and only those:
+        the name is matched literally (a tap named `*` or `tap0` must not match
+        `tap0.100`'s temp files), followed by a pid and `.tmp`."""
+        own = re.compile(re.escape(stem) + r"\.[0-9]+\.tmp")
+        try:
+            names = os.listdir(self.tmp)
+        except OSError:
+            return
+        for name in names:
+            if own.fullmatch(name):
+                # The caller holds this file's lock, so no live writer owns these.
+                _unlink_quietly(self.tmp / name)
+
+
+@dataclass
+class PreparedSave:
+    store: Store
+    tmp: Path
+    dest: Path
+
+    def commit(self) -> None:
+        self.store._commit(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        _unlink_quietly(self.tmp)
+
+
+class JournalWriteError(PlumbingError):
+    """A journal or tap index file could not be written completely; the file on disk
+    is the one from before (never a truncated one)."""
+
+    def __init__(self, dest: Path, exc: OSError) -> None:
+        super().__init__(f"cannot write {dest}: {exc.strerror or exc}", step="journal")
+
+
+def _encode(journal: Journal) -> bytes:
+    return json.dumps(journal.to_json(), indent=1, sort_keys=True).encode()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nichooks.errors import InvalidInput
+from nichooks.errors import InvalidInput, PlumbingError
 from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
 
 KEY = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -122,3 +122,39 @@ def test_files_have_explicit_modes_under_a_strict_umask(store: Store) -> None:
     finally:
         os.umask(old)
     assert store.path(KEY).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_write_removes_only_its_own_stale_temp_files(store: Store) -> None:
+    """The name is matched literally: `tap0` must not take `tap0.100`'s temp file,
+    and a tap named `*` must not take every temp file."""
+    others = ["tap0.100.4242.tmp", f"{KEY}.json.17.tmp", "tap1.99.tmp", "tap0.tmp",
+              "tap0.x.tmp", "tap0.99.tmp.keep"]
+    for name in others + ["tap0.99.tmp", "*.5.tmp"]:
+        (store.tmp / name).write_bytes(b"in progress")
+    store.claim_tap("tap0", KEY)
+    store.claim_tap("*", KEY)
+    assert sorted(os.listdir(store.tmp)) == sorted(others)
+    assert store.tap_owner("tap0") == store.tap_owner("*") == KEY
+
+
+def test_a_write_that_fails_keeps_the_old_file_and_no_temp_file(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short write (what a full tmpfs does) never replaces a good journal."""
+    store.save(journal(1))
+    good = store.path(KEY).read_bytes()
+    real_write = os.write
+    calls = []
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(PlumbingError, match="No space left on device"):
+        store.save(journal(3))
+    monkeypatch.undo()
+    assert calls[1] == calls[0] - 10  # the rest was tried, not dropped
+    assert store.path(KEY).read_bytes() == good
+    assert os.listdir(store.tmp) == []
