@@ -129,7 +129,7 @@ def test_a_write_removes_only_its_own_stale_temp_files(store: Store) -> None:
     and a tap named `*` must not take every temp file."""
     others = ["tap0.100.4242.tmp", f"{KEY}.json.17.tmp", "tap1.99.tmp", "tap0.tmp",
               "tap0.x.tmp", "tap0.99.tmp.keep"]
-    for name in others + ["tap0.99.tmp", "*.5.tmp"]:
+    for name in [*others, "tap0.99.tmp", "*.5.tmp"]:
         (store.tmp / name).write_bytes(b"in progress")
     store.claim_tap("tap0", KEY)
     store.claim_tap("*", KEY)
