@@ -47,6 +47,7 @@ def _status(args: argparse.Namespace) -> int:
     load_backends()
     settings = settingsmod.load(os.environ)
     store = Store(settings.state_dir)
+    store.check()
     net = Host(settings)
     rows: list[dict[str, Any]] = []
     try:
@@ -112,6 +113,7 @@ def _verify(args: argparse.Namespace) -> int:
     load_backends()
     settings = settingsmod.load(os.environ)
     store = Store(settings.state_dir)
+    store.check()
     log = HookLog(verbose=args.verbose or settings.debug, context="verify")
     net = Host(settings)
     drifted = 0

@@ -60,3 +60,8 @@ class PlumbingError(NicHooksError):
 
 class LockTimeout(PlumbingError):
     """Another hook holds the NIC for longer than we are willing to wait."""
+
+
+class UntrustedPath(PlumbingError):
+    """A settings file or state directory someone other than root can write: acting
+    on it would let that user steer what root does."""

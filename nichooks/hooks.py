@@ -220,6 +220,8 @@ def _converge(store: Store, net: Host, nic: nicmod.Nic,
 
 def ifup(request: Request) -> None:
     settings = settingsmod.load(request.env)
+    store = Store(settings.state_dir)
+    store.check()  # the spec file is read from it
     nic, ignored = nic_for_ifup(request, settings)
     if request.device:
         nic = replace(nic, device=request.device)
@@ -228,7 +230,6 @@ def ifup(request: Request) -> None:
                   uuid=nic.uuid, tap=nic.tap, context=context, mode=nic.mode)
     for where in ignored:
         log.warning("source", ignored=where, result="not a Ganeti NIC variable")
-    store = Store(settings.state_dir)
     store.ensure()
     net = Host(settings)
     try:
@@ -411,6 +412,7 @@ def announce_now(request: Request) -> None:
     settings = settingsmod.load(request.env)
     tap = validate.ifname("argument TAP", request.tap or request.env.get("INTERFACE", ""))
     store = Store(settings.state_dir)
+    store.check()
     key = store.tap_owner(tap)
     if key is None:
         raise PlumbingError(f"no NIC is journaled on tap {tap}", nic=tap, step="announce")
@@ -491,6 +493,7 @@ def ifdown(request: Request) -> list[str]:
     if tap is None and not request.env.get("INTERFACE_UUID"):
         raise InvalidInput("TAP", "no tap given (argument or INTERFACE) and no INTERFACE_UUID")
     store = Store(settings.state_dir)
+    store.check()
     log = HookLog(verbose=request.verbose or settings.debug, tap=tap, context=context)
     warnings: list[str] = []
     variables: dict[str, str] = {}

@@ -19,13 +19,14 @@ import errno
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nichooks.errors import InvalidInput, PlumbingError
+from nichooks.errors import InvalidInput, PlumbingError, UntrustedPath
 from nichooks.validate import ifname
 
 FORMAT = 1
@@ -143,18 +144,45 @@ class Store:
         self.locks = state_dir / "locks"
 
     def ensure(self) -> None:
+        """Create what is missing (mode DIR_MODE whatever the umask), then check()."""
         for d in (self.root, self.nics, self.taps, self.tmp, self.locks):
             try:
                 try:
-                    d.mkdir(mode=DIR_MODE, exist_ok=True)
+                    d.mkdir(mode=DIR_MODE)
                 except FileNotFoundError:
-                    d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
+                    d.mkdir(mode=DIR_MODE, parents=True)
+                os.chmod(d, DIR_MODE)  # mkdir's mode is masked by the umask
+            except FileExistsError:
+                pass
+            except NotADirectoryError:
                 raise PlumbingError(f"state directory {d} exists and is not a directory "
                                     "(NICHOOKS_STATE_DIR)") from None
             except OSError as exc:
                 raise PlumbingError(f"cannot create state directory {d}: "
                                     f"{exc.strerror or exc}") from None
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a state directory someone other than root could write: the journals
+        there decide what root undoes, the tap index whose plug a hook replaces.
+        Missing directories are fine (nothing to trust yet)."""
+        from nichooks.trust import untrusted_reason
+
+        for d in (self.root, self.nics, self.taps, self.tmp, self.locks, self.corrupt,
+                  self.root / "specs"):
+            try:
+                st = os.stat(d) if d == self.root else os.lstat(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise PlumbingError(f"state directory {d}: {exc.strerror or exc}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise PlumbingError(f"state directory {d} exists and is not a directory; "
+                                    "remove it (NICHOOKS_STATE_DIR)")
+            reason = untrusted_reason(d, st)
+            if reason:
+                raise UntrustedPath(f"refusing the state directory: {reason}; "
+                                    f"fix with: chown root:root {d} && chmod go-w {d}")
 
     # -- journals ---------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -195,7 +223,11 @@ class Store:
     def quarantine(self, key: str) -> Path:
         """Move an unreadable journal out of nics/ so that it no longer blocks the NIC,
         but is kept for an operator to read."""
-        self.corrupt.mkdir(mode=DIR_MODE, exist_ok=True)
+        try:
+            self.corrupt.mkdir(mode=DIR_MODE)
+            os.chmod(self.corrupt, DIR_MODE)
+        except FileExistsError:
+            pass
         dest = self.corrupt / f"{key}.json.{int(time.time())}"
         os.replace(self.path(key), dest)
         return dest

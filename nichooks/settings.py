@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nichooks.errors import InvalidInput
+from nichooks.errors import InvalidInput, UntrustedPath
 
 DEFAULTS: dict[str, str] = {
     "NICHOOKS_STATE_DIR": "/run/nichooks",
@@ -78,24 +78,47 @@ class Settings:
         return self.state_dir / "specs"
 
 
+MAX_CONF = 1 << 20
+
+
 def _read_conf(path: Path) -> dict[str, str]:
     """KEY = value lines under [nichooks]; keys as in the environment, any case.
+
     Only a regular file is read (a FIFO there would block every hook); a path that
-    cannot even be looked at (a component that is a file, a loop) is an error."""
+    cannot even be looked at (a component that is a file, a loop) is an error. The
+    file decides where root's scripts come from and whether guests are filtered:
+    it, and the directory it is in, must be root's alone. It is checked through the
+    descriptor it is then read from, so it cannot be swapped in between."""
+    from nichooks.safefile import OPEN_FLAGS, read_fd
+    from nichooks.trust import untrusted_reason
+
     try:
-        info = path.stat()
+        fd = os.open(path, OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     except OSError as exc:
         raise InvalidInput(str(path), f"cannot be read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        return {}
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return {}
+        reason = untrusted_reason(path, info) or untrusted_reason(path.parent, path.parent.stat())
+        if reason:
+            raise UntrustedPath(f"refusing the settings file: {reason}; fix with: "
+                                f"chown root:root {path} {path.parent} && "
+                                f"chmod go-w {path} {path.parent}")
+        try:
+            text = read_fd(fd, MAX_CONF).decode("utf-8")
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(str(path), f"cannot be read: {exc}") from None
+    finally:
+        os.close(fd)
     import configparser
 
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, UnicodeDecodeError) as exc:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
         raise InvalidInput(str(path), f"unreadable settings file: {exc}".splitlines()[0]) from None
     if not parser.has_section(CONF_SECTION):
         return {}
