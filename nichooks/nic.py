@@ -192,10 +192,18 @@ def _network(env: Mapping[str, str]) -> Network:
     subnet, gateway = opt("NETWORK_SUBNET"), opt("NETWORK_GATEWAY")
     subnet6, gateway6 = opt("NETWORK_SUBNET6"), opt("NETWORK_GATEWAY6")
     net_uuid, prefix, name = opt("NETWORK_UUID"), opt("NETWORK_MAC_PREFIX"), opt("NETWORK_NAME")
-    if gateway is not None and validate.ip_address("NETWORK_GATEWAY", gateway).version != 4:
-        raise InvalidInput("NETWORK_GATEWAY", f"{gateway!r} is not an IPv4 address")
-    if gateway6 is not None and validate.ip_address("NETWORK_GATEWAY6", gateway6).version != 6:
-        raise InvalidInput("NETWORK_GATEWAY6", f"{gateway6!r} is not an IPv6 address")
+    # The validated address is what is used from here on, never the raw text: the
+    # check trims, and " 2001:db8::1" would otherwise pass it and fail deep in a step.
+    if gateway is not None:
+        gw = validate.ip_address("NETWORK_GATEWAY", gateway)
+        if gw.version != 4:
+            raise InvalidInput("NETWORK_GATEWAY", f"{gateway!r} is not an IPv4 address")
+        gateway = str(gw)
+    if gateway6 is not None:
+        gw6 = validate.ip_address("NETWORK_GATEWAY6", gateway6)
+        if gw6.version != 6:
+            raise InvalidInput("NETWORK_GATEWAY6", f"{gateway6!r} is not an IPv6 address")
+        gateway6 = str(gw6)
     return Network(
         name=validate.free_text("NETWORK_NAME", name) if name is not None else None,
         uuid=validate.uuid("NETWORK_UUID", net_uuid) if net_uuid is not None else None,

@@ -164,3 +164,15 @@ def test_argv_tap_used_only_without_interface() -> None:
     with pytest.raises(InvalidInput) as info:
         nicmod.from_variables(ganeti_env(INTERFACE=None), tap=None)
     assert info.value.variable == "INTERFACE"
+
+
+@pytest.mark.parametrize(("raw4", "raw6"), [
+    (" 192.0.2.1", "2001:db8:1::1 "),
+    ("192.0.2.1\n", "\t2001:DB8:1:0:0::1"),
+])
+def test_gateways_are_used_as_validated_not_as_given(raw4: str, raw6: str) -> None:
+    """The check trims and normalises: the value the plan uses must be that one, or a
+    padded gateway passes validation and fails half-way through a routed plug."""
+    nic = nicmod.from_variables(ganeti_env(NETWORK_GATEWAY=raw4, NETWORK_GATEWAY6=raw6))
+    assert nic.network.gateway == "192.0.2.1"
+    assert nic.network.gateway6 == "2001:db8:1::1"
