@@ -496,13 +496,11 @@ def ifdown(request: Request) -> list[str]:
     store.check()
     log = HookLog(verbose=request.verbose or settings.debug, tap=tap, context=context)
     warnings: list[str] = []
-    variables: dict[str, str] = {}
+    variables: dict[str, str] | None = None
     key = _find_key(request.env, tap, store, settings)
     net = Host(settings)
     try:
-        if key is None:
-            log.info("ifdown", result="nothing journaled")
-        else:
+        if key is not None:
             store.ensure()
             with ExitStack() as stack:
                 lock_nic(stack, store, key, tap, settings.lock_timeout, tap or key)
@@ -510,6 +508,12 @@ def ifdown(request: Request) -> list[str]:
                 warnings += more
     finally:
         net.close()
+    if variables is None:
+        # Torn down already (a sweep or the agent found its device gone and ran the
+        # scripts then), or never plugged: the scripts run once per plug.
+        log.info("ifdown", result="nothing journaled: already torn down or never plugged; "
+                 "ifdown scripts not run")
+        return warnings
     tap = tap or variables.get("INTERFACE") or ""
     for failure in run_custom(settings, tap, request.env, variables, "down", context, log,
                                stop_on_failure=False):
@@ -518,39 +522,41 @@ def ifdown(request: Request) -> list[str]:
 
 
 def _undo_journal(store: Store, net: Host, key: str, log: HookLog,
-                  tap: str | None = None) -> tuple[list[str], dict[str, str]]:
+                  tap: str | None = None) -> tuple[list[str], dict[str, str] | None]:
     """Replay one journal backwards; return (warnings, the NIC's plug-time variables
-    for the ifdown scripts). With `tap`, only a journal of a plug on that tap: the key
-    was found before the lock was ours, and the NIC may have been re-plugged on another
-    tap meanwhile (a hot-modify), whose plug this late ifdown must not undo."""
+    for the ifdown scripts, or None when they must not run: no plug, or its scripts
+    ran already). With `tap`, only a journal of a plug on that tap: the key was found
+    before the lock was ours, and the NIC may have been re-plugged on another tap
+    meanwhile (a hot-modify), whose plug this late ifdown must not undo."""
     try:
         journal = store.load(key)
     except CorruptJournal as exc:
         dest = store.quarantine(key)
         log.error("ifdown", journal=key, result="corrupt", moved_to=dest)
-        return [f"journal {key} is unreadable ({exc}); moved to {dest}, nothing undone"], {}
+        return [f"journal {key} is unreadable ({exc}); moved to {dest}, nothing undone"], None
     if journal is None:
-        log.info("ifdown", journal=key, result="nothing journaled")
-        return [], {}
+        return [], None
     if tap is not None and journal.tap != tap:
         log.info("ifdown", journal=key, result="nothing journaled for this tap",
                  journal_tap=journal.tap)
-        return [], {}
+        return [], None
     log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
+    scripts = None if journal.down_scripts_ran else journal.variables
     failed = undo_records(net, journal.records, log)
     if failed:
         journal.records, journal.state = failed, "undo-failed"
+        journal.down_scripts_ran = True  # they run right after the locks are released
         try:
             store.save(journal)
         except JournalWriteError as exc:  # the complete older journal stays: retried later
             log.error("journal", result="not saved", cause=exc.cause)
         log.error("ifdown", result="incomplete", failed=len(failed))
         return [f"{journal.tap} ({journal.key}): could not undo {r.step}: {r.error}; "
-                "kept in the journal for a later retry" for r in failed], journal.variables
+                "kept in the journal for a later retry" for r in failed], scripts
     store.delete(key)
     store.release_tap(journal.tap, key)
     log.info("ifdown", result="ok", records=len(journal.records))
-    return [], journal.variables
+    return [], scripts
 
 
 def print_warnings(lines: list[str]) -> None:

@@ -88,6 +88,9 @@ class Journal:
     variables: dict[str, str] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     deferred: list[dict[str, str]] = field(default_factory=list)  # see Plan.deferred
+    # The ifdown scripts have run for this plug (its undo left records to retry): they
+    # run once per plug, whoever tears it down (kvm-ifdown, a sweep, the agent).
+    down_scripts_ran: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"deferred": self.deferred,
@@ -95,6 +98,7 @@ class Journal:
             "instance": self.instance, "link": self.link, "ifindex": self.ifindex,
             "context": self.context, "state": self.state, "created": self.created,
             "variables": self.variables, "records": [r.to_json() for r in self.records],
+            "down_scripts_ran": self.down_scripts_ran,
         }
 
     @classmethod
@@ -127,6 +131,7 @@ class Journal:
                 state=str(data.get("state", "")), created=float(data.get("created", 0)),
                 variables=variables, records=[Record.from_json(r) for r in records],
                 deferred=[{"addr": d["addr"], "dev": d["dev"]} for d in deferred],
+                down_scripts_ran=data.get("down_scripts_ran") is True,
             )
         except (KeyError, TypeError, ValueError, OverflowError, InvalidInput) as exc:
             raise CorruptJournal(str(exc)[:200]) from None

@@ -149,16 +149,18 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
             return [Action(name, what, f"would undo {len(journal.records)} records: {why}")], None
         log.info("sweep", result=what, cause=why, records=len(journal.records))
         _drop_claimed_by_others(store, journal, log)
-        state_before = journal.state
+        # ifdown scripts once per plug, whoever tears it down; none for an ifup that
+        # never finished (its ifup scripts did not all run either).
+        teardown = (Teardown(journal.tap, dict(journal.variables))
+                    if what == "undone" and not journal.down_scripts_ran else None)
+        if teardown:
+            journal.down_scripts_ran = True  # saved with the records that failed, if any
+        records = len(journal.records)
         failed = undo_whole(store, net, journal, log)
         if failed:
             return [Action(name, "failed", f"{why}; could not undo: {_failed_text(failed)}",
-                           ok=False)], None
-        # ifdown scripts once per NIC, as kvm-ifdown runs them: an `undo-failed` journal
-        # is one whose ifdown (and its scripts) ran already.
-        teardown = (Teardown(journal.tap, dict(journal.variables))
-                    if what == "undone" and state_before != "undo-failed" else None)
-        return [Action(name, what, f"{why}; undid {len(journal.records)} records")], teardown
+                           ok=False)], teardown
+        return [Action(name, what, f"{why}; undid {records} records")], teardown
     if device == RENAMED:
         return [Action(name, "kept", f"ifindex {journal.ifindex} is no longer called "
                        f"{journal.tap}; left alone", ok=False)], None
