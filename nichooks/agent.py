@@ -39,6 +39,7 @@ SWEEP_EVERY = 15      # intervals between full sweeps (events lost without ENOBU
 BURST = 0.02          # seconds to gather a burst of events before acting on it
 BUSY_RETRY = 0.25     # a NIC a hook holds is looked at again after this long
 LOCK_WAIT = 0.5       # how long the agent waits for a hook to finish with a NIC
+MAX_BACKOFF = 300.0   # seconds: the longest wait between repairs of a NIC that keeps failing
 
 
 class Agent:
@@ -56,6 +57,8 @@ class Agent:
         self.refs_stamp = -1
         self.taps: dict[str, tuple[int, bool, int | None]] = {}  # name -> (ifindex, up, master)
         self.later: dict[tuple[str, int | None], float] = {}  # (key, vanished index) -> when
+        # NICs whose repair keeps failing: key -> (what failed last, attempts so far)
+        self.failing: dict[str, tuple[str, int]] = {}
         load_backends()
 
     def log(self, **fields: object) -> HookLog:
@@ -119,7 +122,8 @@ class Agent:
         self.report(sweep(self.settings, dry_run=False, log=self.log(why=why)))
         self._refresh_refs(force=True)
         for key in self.store.journal_keys():
-            self.repair(key)
+            if not self._backing_off(key):
+                self.repair(key)
         self.check_ovs()
 
     def handle(self, events: list[LinkEvent]) -> None:
@@ -133,7 +137,8 @@ class Agent:
             name = event.name
             if event.deleted:
                 vanished[name] = event.index
-                self.seen[name] = (0, False)
+                if name in self.refs:  # only what journals depend on: bounded
+                    self.seen[name] = (0, False)
                 self.taps.pop(name, None)
                 changed_taps.discard(name)
                 continue
@@ -193,11 +198,31 @@ class Agent:
             return  # the next sweep moves it aside
         except Exception as exc:
             self._reset_ovsdb()
-            log.error("agent", result="repair failed", cause=str(exc) or type(exc).__name__)
+            self._repair_failed(key, str(exc) or type(exc).__name__, log)
             return
-        self.report(actions)
-        if any(not a.ok for a in actions):
-            self.later[(key, -1)] = time.monotonic() + self.settings.agent_interval
+        self.report([a for a in actions if a.ok])
+        failed = [a for a in actions if not a.ok]
+        if failed:
+            self._repair_failed(key, "; ".join(a.line() for a in failed), log)
+        elif key in self.failing:
+            attempts = self.failing.pop(key)[1]
+            log.info("agent", result="repaired", after_failures=attempts)
+
+    def _repair_failed(self, key: str, detail: str, log: HookLog) -> None:
+        """Retry with a doubling delay, and say so once per new cause: a NIC that cannot
+        be repaired (its bridge replaced by something that is not a bridge) must not
+        cost a repair and an error line every interval for ever."""
+        last, attempts = self.failing.get(key, ("", 0))
+        attempts += 1
+        self.failing[key] = (detail, attempts)
+        delay = min(self.settings.agent_interval * 2 ** min(attempts - 1, 20), MAX_BACKOFF)
+        if detail != last:
+            log.error("agent", result="repair failed", detail=detail,
+                      next_try=f"{delay:g}s, then less often; logged again only if the cause changes")
+        self.later[(key, -1)] = time.monotonic() + delay
+
+    def _backing_off(self, key: str) -> bool:
+        return key in self.failing and self.later.get((key, -1), 0.0) > time.monotonic()
 
     def check_ovs(self) -> None:
         """Every journaled OVS port still there with our mark, and our flows on it; a
@@ -222,7 +247,7 @@ class Agent:
             self._reset_ovsdb()
             return
         for journal in journals:
-            if _ovs_missing(journal, ports, cookies):
+            if _ovs_missing(journal, ports, cookies) and not self._backing_off(journal.key):
                 self.repair(journal.key)
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -242,6 +267,11 @@ class Agent:
                 for name in _depends_on(journal):
                     refs.setdefault(name, set()).add(key)
         self.refs = refs
+        # Forget what no journal refers to any more: these tables stay as small as the
+        # set of live NICs, however many devices come and go.
+        self.seen = {name: state for name, state in self.seen.items() if name in refs}
+        keys = set(self.store.journal_keys())
+        self.failing = {k: v for k, v in self.failing.items() if k in keys}
         for name in refs:
             if name not in self.seen:
                 state = self.net.find(name)

@@ -166,6 +166,22 @@ def _lock_set(store: Store, key: str | None, tap: str | None) -> list[str]:
     return lock_names(keys, taps)
 
 
+def _remove_unused_locks(store: Store, names: list[str]) -> None:
+    """Delete the lock files of a NIC whose journal is gone and of a tap no journal
+    claims, so that a host that has run thousands of guests does not keep thousands
+    of lock files. Safe only while we hold them: a waiter that then gets the lock on
+    the unlinked file sees it has no name any more and opens the path again
+    (filelock's st_nlink check), so no two callers ever hold one name at once."""
+    for name in names:
+        kind, _sep, what = name.partition("-")
+        unused = not store.exists(what) if kind == "nic" else store.tap_owner(what) is None
+        if unused:
+            try:
+                (store.locks / f"{name}.lock").unlink()
+            except OSError:
+                pass
+
+
 def lock_nic(stack: ExitStack, store: Store, key: str | None, tap: str | None,
              timeout: float, label: str) -> None:
     """Take the lock set, re-checking it did not change while we waited."""
@@ -174,6 +190,8 @@ def lock_nic(stack: ExitStack, store: Store, key: str | None, tap: str | None,
         inner = ExitStack()
         acquire(inner, store.locks, names, timeout, label)
         if _lock_set(store, key, tap) == names:
+            # Runs first on exit, while every lock is still held.
+            inner.callback(_remove_unused_locks, store, names)
             stack.push(inner)
             return
         inner.close()

@@ -3,6 +3,10 @@
 A hook may need several locks (its own NIC, its tap name, and the NIC that last
 claimed that tap name). Taking them always in one global order rules out deadlock
 between hooks; the timeout turns a stuck holder into one clear error.
+
+Lock files of NICs that are gone are deleted by their last holder (hooks.lock_nic).
+That relies on filelock (4.0 and later) re-opening the path when the file it got
+the lock on has been unlinked meanwhile.
 """
 
 from __future__ import annotations
