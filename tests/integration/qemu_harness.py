@@ -18,12 +18,27 @@ Facts about QEMU 7.2 this relies on (checked on this machine, see test_qemu.py):
   is still open; on SIGKILL nothing runs: the taps vanish with the fds, the journals
   stay. A downscript failure never fails anything: QEMU only prints it on stderr,
   which is why the VM's stderr is kept (`log()`).
+
+Accelerator and CPU model: probed once per session (`qemu_accel()`), because `/dev/kvm`
+may exist and yet refuse a CPU model. KVM on some hosts (nested, some clouds) rejects
+an MSR that `-cpu max` sets -- QEMU 7.2 then aborts while creating the vCPU, before
+any monitor is up ("error: failed to set MSR 0x10a ...", kvm_buf_set_msrs
+assertion). `-machine accel=kvm:tcg` does not help there: its fallback is taken only
+when KVM cannot be initialised at all. So the probe starts a VM like the tests' (same
+machine, paused, no NIC), waits for its monitor, lets the vCPU run briefly and quits;
+the first of `kvm:max`, `kvm:host`, `kvm:qemu64`, `tcg:max` that survives this is
+used. NICHOOKS_TEST_QEMU_ACCEL replaces that list (whitespace-separated
+`ACCEL[:CPU]`, e.g. "tcg" or "kvm:qemu64 tcg"); the choice is still probed and a
+forced choice that does not start fails the test rather than being replaced or
+skipped. NICHOOKS_TEST_QEMU names another QEMU binary. The choice and the reason for
+it are printed and listed in the terminal summary (`report_qemu_accel()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -37,11 +52,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 QEMU = "/usr/bin/qemu-system-x86_64"
+QEMU_ENV = "NICHOOKS_TEST_QEMU"          # another QEMU binary (a path)
+ACCEL_ENV = "NICHOOKS_TEST_QEMU_ACCEL"   # candidates instead of the default list
 
 
 def qemu_binary() -> str | None:
     """The QEMU system emulator to use, or None when this machine has none."""
+    override = os.environ.get(QEMU_ENV)
+    if override:  # a wrong path is an error, never a reason to skip
+        if not os.access(override, os.X_OK):
+            raise FileNotFoundError(f"{QEMU_ENV}={override}: not an executable")
+        return override
     if os.access(QEMU, os.X_OK):
         return QEMU
     return shutil.which("qemu-system-x86_64")
@@ -241,11 +265,12 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
 class QemuVM:
     """`with QemuVM(netns, nics, script=..., downscript=..., env=...) as vm:`
 
-    Starts QEMU in the namespace, waits until its QMP monitor is ready (which means
-    every startup NIC's `script=` has run and succeeded, else StartError with QEMU's
-    stderr), and offers `vm.qmp`, `vm.hotplug()`, `vm.unplug()`, `vm.quit()`.
-    Leaving the block quits QEMU cleanly if it still runs (which runs the
-    downscripts), else kills it by pid; the process is always waited for.
+    Starts QEMU in the namespace (netns None: in the caller's own), waits until its
+    QMP monitor is ready (which means every startup NIC's `script=` has run and
+    succeeded, else StartError with QEMU's stderr), and offers `vm.qmp`,
+    `vm.hotplug()`, `vm.unplug()`, `vm.quit()`. Leaving the block quits QEMU cleanly
+    if it still runs (which runs the downscripts), else kills it by pid; the process
+    is always waited for.
     """
 
     class StartError(Exception):
@@ -254,8 +279,8 @@ class QemuVM:
     def __init__(self, netns: Any, nics: Iterable[Nic], *, script: str, downscript: str,
                  env: dict[str, str], paused: bool = True, extra_args: Sequence[str] = (),
                  qemu: str | None = None, start_timeout: float = 30.0,
-                 quit_timeout: float = 30.0) -> None:
-        self.netns = getattr(netns, "name", netns)
+                 quit_timeout: float = 30.0, accel: Accel | None = None) -> None:
+        self.netns: str | None = getattr(netns, "name", netns)  # None: this namespace
         self.nics = list(nics)
         self.script = script
         self.downscript = downscript
@@ -263,6 +288,7 @@ class QemuVM:
         self.paused = paused
         self.extra_args = list(extra_args)
         self.qemu = qemu or qemu_binary() or QEMU
+        self.accel = accel  # None: the session's probed choice, qemu_accel()
         self.start_timeout = start_timeout
         self.quit_timeout = quit_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -282,10 +308,11 @@ class QemuVM:
                 "script": self.script, "downscript": self.downscript}
 
     def argv(self) -> list[str]:
-        argv = [
-            "ip", "netns", "exec", self.netns,
+        accel = self.accel or qemu_accel(self.qemu)
+        argv = [] if self.netns is None else ["ip", "netns", "exec", self.netns]
+        argv += [
             self.qemu,
-            "-machine", "accel=kvm:tcg", "-cpu", "max",  # max: no CPUID warnings on KVM
+            *accel.args,
             "-nodefaults", "-no-user-config",
             "-display", "none",
             "-m", "64",
@@ -306,8 +333,9 @@ class QemuVM:
     # lifecycle ----------------------------------------------------------------
 
     def start(self) -> QemuVM:
+        argv = self.argv()  # probes the accelerator first if need be (raises if none)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv(), env=self.env, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, cwd="/",
                                          preexec_fn=_set_pdeathsig)
         try:
@@ -324,8 +352,8 @@ class QemuVM:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise self.StartError(
-                    f"QEMU exited with status {self.proc.returncode} before its monitor "
-                    f"was ready:\n{self.log()}")
+                    f"QEMU ({self._accel_text()}) exited with status {self.proc.returncode} "
+                    f"before its monitor was ready:\n{self.log()}")
             if self.qmp_path.exists():
                 qmp = QMP(self.qmp_path, timeout=max(1.0, deadline - time.monotonic()))
                 try:
@@ -338,8 +366,11 @@ class QemuVM:
                     self.qmp.timeout = 30.0
                     return
             time.sleep(0.02)
-        raise self.StartError(f"QEMU's monitor not ready after {self.start_timeout}s "
-                              f"({last}):\n{self.log()}")
+        raise self.StartError(f"QEMU's ({self._accel_text()}) monitor not ready after "
+                              f"{self.start_timeout}s ({last}):\n{self.log()}")
+
+    def _accel_text(self) -> str:
+        return " ".join((self.accel or qemu_accel(self.qemu)).args)
 
     @property
     def pid(self) -> int:
@@ -419,6 +450,170 @@ class QemuVM:
         """Destroy the tap backend: QEMU runs the downscript and closes the tap."""
         assert self.qmp is not None
         self.qmp.execute("netdev_del", id=nic.netdev)
+
+
+# -- accelerator and CPU model -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accel:
+    """One way to run the vCPU: `-accel <accel> -cpu <cpu>`."""
+
+    accel: str  # "kvm" or "tcg"
+    cpu: str = "max"
+
+    @property
+    def args(self) -> list[str]:
+        return ["-accel", self.accel, "-cpu", self.cpu]
+
+    def __str__(self) -> str:
+        return f"{self.accel}:{self.cpu}"
+
+
+# In order of preference: max gives no CPUID warnings on KVM; host and a plain named
+# model are what still starts when KVM refuses an MSR of max; TCG always starts.
+DEFAULT_ACCELS = (Accel("kvm", "max"), Accel("kvm", "host"), Accel("kvm", "qemu64"),
+                  Accel("tcg", "max"))
+PROBE_START_TIMEOUT = 20.0
+PROBE_SETTLE = 0.3  # seconds the probe VM must stay alive, paused, then running
+PROBE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The outcome of the probe: the chosen Accel (None: nothing starts) and why."""
+
+    qemu: str
+    chosen: Accel | None
+    attempts: tuple[tuple[Accel, str], ...]  # (candidate, "ok" or why not)
+    forced: str | None  # the value of NICHOOKS_TEST_QEMU_ACCEL, if set
+
+    def describe(self) -> str:
+        head = (f"QEMU accelerator: {' '.join(self.chosen.args)}" if self.chosen
+                else "QEMU accelerator: NONE of the candidates starts")
+        how = f"{ACCEL_ENV}={self.forced!r}" if self.forced else "probed"
+        tried = "; ".join(f"{accel}: {outcome}" for accel, outcome in self.attempts)
+        return f"{head} ({how}; {tried}) [{self.qemu}]"
+
+
+def parse_accels(spec: str) -> tuple[Accel, ...]:
+    """`ACCEL[:CPU]` candidates separated by whitespace ("auto": the default list)."""
+    if spec.strip() in ("", "auto"):
+        return DEFAULT_ACCELS
+    accels = []
+    for word in spec.split():
+        accel, _, cpu = word.partition(":")
+        if accel not in ("kvm", "tcg"):
+            raise ValueError(f"{ACCEL_ENV}: {word!r}: the accelerator must be kvm or tcg")
+        accels.append(Accel(accel, cpu or "max"))
+    return tuple(accels)
+
+
+def kvm_unusable() -> str | None:
+    """Why /dev/kvm cannot be used by this process, or None if it can be opened."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def _log_summary(log: str, limit: int = 300) -> str:
+    """QEMU's error lines (else its last lines) on one line, for a probe's outcome."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "assert" in line.lower()]
+    text = " | ".join(errors or lines[-2:]) or "no output"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def probe_accel(qemu: str, accel: Accel) -> str | None:
+    """None if a VM like the tests' (default machine, so a vCPU is created) starts with
+    `accel`, keeps its vCPU paused, then running, for PROBE_SETTLE seconds each, and
+    quits with status 0; else what went wrong. Runs in the caller's namespace, no NIC."""
+    vm = QemuVM(None, [], script="no", downscript="no", env=PROBE_ENV, qemu=qemu,
+                accel=accel, start_timeout=PROBE_START_TIMEOUT, quit_timeout=10.0)
+    try:
+        with vm:  # the monitor answers only once the vCPU exists (MSRs set or abort)
+            assert vm.qmp is not None
+            if accel.accel == "kvm" and not vm.qmp.execute("query-kvm").get("enabled"):
+                return "QEMU is not using KVM"
+            time.sleep(PROBE_SETTLE)
+            vm.qmp.execute("cont")
+            time.sleep(PROBE_SETTLE)
+            status = vm.qmp.execute("query-status").get("status")
+            if status != "running":
+                return f"vCPU {status} after cont: {_log_summary(vm.log())}"
+            if (rc := vm.quit()) != 0:
+                return f"exit status {rc} on quit: {_log_summary(vm.log())}"
+    except QemuVM.StartError:
+        return (f"exited with status {vm.returncode} before its monitor was ready: "
+                f"{_log_summary(vm.log())}")
+    except (QMPError, QMPClosed, TimeoutError, OSError, subprocess.TimeoutExpired) as e:
+        return f"{type(e).__name__}: {e}: {_log_summary(vm.log())}"
+    return None
+
+
+@functools.cache
+def qemu_accel_choice(qemu: str) -> AccelChoice:
+    """Probe the candidates once per session and QEMU binary (see the module doc)."""
+    forced = os.environ.get(ACCEL_ENV) or None
+    attempts: list[tuple[Accel, str]] = []
+    chosen: Accel | None = None
+    no_kvm = kvm_unusable()
+    for accel in parse_accels(forced or ""):
+        if accel.accel == "kvm" and no_kvm:
+            attempts.append((accel, f"not tried, {no_kvm}"))
+            continue
+        failure = probe_accel(qemu, accel)
+        attempts.append((accel, failure or "ok"))
+        if failure is None:
+            chosen = accel
+            break
+    choice = AccelChoice(qemu, chosen, tuple(attempts), forced)
+    print(choice.describe(), flush=True)
+    return choice
+
+
+class NoAccel(RuntimeError):
+    """No candidate accelerator starts QEMU: a test failure, never a skip."""
+
+
+def qemu_accel(qemu: str | None = None) -> Accel:
+    """The session's accelerator and CPU model for `qemu` (probed on first use)."""
+    choice = qemu_accel_choice(qemu or qemu_binary() or QEMU)
+    if choice.chosen is None:
+        raise NoAccel(choice.describe())
+    return choice.chosen
+
+
+class _AccelSummary:
+    """A plugin registered at run time: lists the probed choices in the terminal
+    summary, so that every CI log tells which path the QEMU tests took."""
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if _probed:
+            terminalreporter.write_sep("-", "QEMU accelerator")
+        for qemu in _probed:
+            try:
+                line = qemu_accel_choice(qemu).describe()
+            except Exception as e:  # e.g. a malformed NICHOOKS_TEST_QEMU_ACCEL
+                line = f"QEMU accelerator: probe failed for {qemu}: {e}"
+            terminalreporter.write_line(line)
+
+
+_probed: list[str] = []  # the QEMU binaries qemu_accel_choice was asked about, in order
+
+
+def report_qemu_accel(config: pytest.Config, qemu: str | None = None) -> Accel:
+    """For a QEMU test to call first: probe (once), have the choice listed in the
+    terminal summary, and return it. Raises NoAccel if nothing starts."""
+    qemu = qemu or qemu_binary() or QEMU
+    if qemu not in _probed:
+        _probed.append(qemu)
+    if not config.pluginmanager.has_plugin("nichooks-qemu-accel"):
+        config.pluginmanager.register(_AccelSummary(), "nichooks-qemu-accel")
+    return qemu_accel(qemu)
 
 
 def stub_script(directory: Path, name: str, body: str) -> str:

@@ -22,7 +22,7 @@ from tests.integration.ovs_env import Guest as OvsGuest
 from tests.integration.ovs_env import Switch
 from tests.integration.ovs_env import _alive as alive
 from tests.integration.qemu_harness import Nic as QemuNic
-from tests.integration.qemu_harness import QemuVM, qemu_binary
+from tests.integration.qemu_harness import QemuVM, qemu_binary, report_qemu_accel
 from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
 from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
@@ -238,8 +238,9 @@ def test_ovs_foreign_del_port_and_vswitchd_restart_are_repaired(
 
 # -- QEMU killed: no downscript runs -------------------------------------------------------
 @pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
-def test_qemu_sigkill_leaves_no_residue(tmp_path: Path) -> None:
+def test_qemu_sigkill_leaves_no_residue(tmp_path: Path, pytestconfig: pytest.Config) -> None:
     require_root()
+    report_qemu_accel(pytestconfig)  # KVM -cpu max, else a fallback: probed once, summarised
     with make_world(tmp_path, hosts=("a",)) as world:
         host = world.a
         spec = {"INSTANCE": "vm1.example.org", "MAC": "52:54:00:12:34:50", "MODE": "routed",

@@ -16,11 +16,19 @@ from typing import Any
 
 import pytest
 
-from tests.integration.qemu_harness import Nic, QemuVM, qemu_binary
+from tests.integration.qemu_harness import Nic, QemuVM, qemu_binary, report_qemu_accel
 from tests.nstools import Netns, bin_path, hook_env
 
 pytestmark = pytest.mark.skipif(qemu_binary() is None,
                                 reason="qemu-system-x86_64 is not installed on this machine")
+
+
+@pytest.fixture(autouse=True)
+def qemu_accel(pytestconfig: pytest.Config) -> None:
+    """KVM with `-cpu max` where it starts, else a fallback (never a skip): probed
+    once, before the test's clock starts, and named in the terminal summary."""
+    report_qemu_accel(pytestconfig)
+
 
 # name -> (MTU, MAC). The bridges get an explicit MAC: a bridge whose MAC was never
 # set takes the lowest MAC among its ports, and when its last port leaves the kernel
