@@ -220,10 +220,14 @@ class Store:
         self._write_atomic(self.path(journal.key), _encode(journal))
 
     def delete(self, key: str) -> None:
+        """Remove the journal and any temp file of it (an ifup killed while its scripts
+        ran leaves its prepared `applied` journal in tmp/)."""
+        path = self.path(key)
         try:
-            self.path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
+        self._remove_stale(path.name)
 
     def quarantine(self, key: str) -> Path:
         """Move an unreadable journal out of nics/ so that it no longer blocks the NIC,
@@ -282,6 +286,7 @@ class Store:
                 (self.taps / tap).unlink()
             except FileNotFoundError:
                 pass
+            self._remove_stale(tap)
 
     # -- atomic writes ----------------------------------------------------
     def _write_atomic(self, dest: Path, data: bytes) -> None:
