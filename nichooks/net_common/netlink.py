@@ -165,13 +165,18 @@ class Routing(Netlink):
                         "iifname": msg.get("FRA_IIFNAME")})
         return out
 
-    def rule_add(self, family: int, iifname: str, table: int, priority: int) -> None:
+    def rule_add(self, family: int, iifname: str, table: int, priority: int, proto: int) -> None:
+        """`ip rule add iif IIFNAME lookup TABLE priority PRIORITY protocol PROTO`. The
+        kernel's duplicate check compares the protocol too, so a rule that differs from
+        an existing one only by its protocol is added next to it, not refused."""
         self._call(self.ipr.rule, "add", family=family, iifname=iifname, table=table,
-                   priority=priority)
+                   priority=priority, protocol=_rule_proto(proto))
 
-    def rule_del(self, family: int, iifname: str, table: int, priority: int) -> None:
+    def rule_del(self, family: int, iifname: str, table: int, priority: int, proto: int) -> None:
+        """Delete the rule with that selector *and* that protocol (FRA_PROTOCOL): a rule
+        with the same selector and another protocol (an operator's) is not a match."""
         self._call(self.ipr.rule, "del", family=family, iifname=iifname, table=table,
-                   priority=priority)
+                   priority=priority, protocol=_rule_proto(proto))
 
     def routes(self, family: int, table: int) -> list[dict[str, Any]]:
         """Host routes and everything else in one table: dst/len, oif, proto."""
@@ -221,6 +226,14 @@ class Routing(Netlink):
     def proxy_del(self, addr: str, ifindex: int) -> None:
         self._call(self.ipr.neigh, "del", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
                    family=family_of(addr))
+
+
+def _rule_proto(proto: int) -> int:
+    """A rule protocol we may send. 0 (RTPROT_UNSPEC) is refused: in a delete the
+    kernel reads it as "any protocol", which would match an operator's rule too."""
+    if isinstance(proto, bool) or not isinstance(proto, int) or not 0 < proto < 256:
+        raise ValueError(f"rule protocol {proto!r} is not 1-255")
+    return proto
 
 
 def sysctl_path(key: str) -> str:

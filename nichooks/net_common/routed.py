@@ -14,9 +14,9 @@ What has to be true for a routed guest to work, and why each step is here:
   where the uplink entries and announcements would pull traffic from the
   still-running source: they wait for MIGRATION_PHASE=post or `nichooks announce`.
 
-Everything we create carries our marks (rule priority, route and proxy `proto`), and
-undo removes only what is still ours. Global and uplink sysctls are shared with other
-NICs: checked (or set, when the operator allows it), never undone.
+Everything we create carries our marks (rule priority, and the `proto` of rules, routes
+and proxy entries), and undo removes only what is still ours. Global and uplink sysctls
+are shared with other NICs: checked (or set, when the operator allows it), never undone.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from nichooks.settings import Settings
 MAIN_TABLE = 254
 BUILTIN_TABLES = {"unspec": 0, "default": 253, "main": 254, "local": 255}
 EEXIST = 17
+DEFAULT_PROTO = 241  # NICHOOKS_ROUTE_PROTO's default, for a Routing without settings
 
 
 # -- facts ---------------------------------------------------------------------------
@@ -203,31 +204,46 @@ def shared_sysctl_present(net: Routing, undo: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
+    """`ip [-6] rule iif TAP lookup TABLE priority P protocol PROTO`, PROTO being our
+    mark (NICHOOKS_ROUTE_PROTO, as on our routes and proxy entries).
+
+    The mark is what makes the rule ours: an operator's rule with the same selector and
+    table but no mark (or another one) is a different rule to the kernel, both when it
+    looks for a duplicate on add (ours is added next to it) and when it looks for the
+    rule to delete (undo never matches it). So the journal only ever names a rule that
+    carries the mark, and a marked rule already there (left by a crashed earlier plug
+    of this NIC) is rightly taken as ours."""
+
     family: int
     iifname: str
     table: int
     priority: int
+    proto: int
     kind: str = "route.rule"
 
     def describe(self) -> str:
+        # Without the protocol: verify and repair match a journal's records to the
+        # rebuilt plan's steps by this text (reconcile.journaled_steps), and journals
+        # written before rules were marked say just this.
         fam = "-6 " if self.family == AF_INET6 else ""
         return f"ip {fam}rule iif {self.iifname} lookup {self.table} priority {self.priority}"
 
     def as_data(self) -> dict[str, Any]:
         return {"step": "rule", "family": FAMILY_NAME[self.family], "iif": self.iifname,
-                "table": self.table, "priority": self.priority}
+                "table": self.table, "priority": self.priority, "proto": self.proto}
 
     def _undo(self) -> dict[str, Any]:
         return {"family": self.family, "iifname": self.iifname, "table": self.table,
-                "priority": self.priority}
+                "priority": self.priority, "proto": self.proto}
 
     def prepare(self, net: Routing) -> Record:
         return Record(kind=self.kind, step=self.describe(), undo=self._undo())
 
     def apply(self, net: Routing) -> None:
-        # Add first, look only on EEXIST: a rule dump costs ~45 ms per 1000 rules.
+        # Add first, never dump (a rule dump costs ~45 ms per 1000 rules): EEXIST can
+        # only mean a rule with our mark, since the kernel compares the protocol.
         try:
-            net.rule_add(self.family, self.iifname, self.table, self.priority)
+            net.rule_add(self.family, self.iifname, self.table, self.priority, self.proto)
         except NetlinkError as exc:
             if exc.code != EEXIST:
                 raise
@@ -238,17 +254,35 @@ class Rule:
 
 @checks("route.rule")
 def rule_present(net: Routing, undo: dict[str, Any]) -> bool:
+    """Whether the guest's traffic is looked up in the table, by whichever rule: an
+    operator's identical rule routes it the same way as ours."""
     return any(r["iifname"] == undo["iifname"] and r["table"] == undo["table"]
                and r["priority"] == undo["priority"] for r in net.rules(undo["family"]))
 
 
+def rule_proto(net: Routing, undo: dict[str, Any]) -> int:
+    """The mark of the rule a record names. Records written before rules were marked
+    carry none: they are read as naming a rule with today's mark, so that an unmarked
+    rule with their selector (which may well be an operator's; the kernel cannot tell)
+    is never deleted. A value that is not a protocol number is a tampered journal."""
+    proto = undo.get("proto")
+    if proto is None:
+        settings = getattr(net, "settings", None)
+        return settings.route_proto if isinstance(settings, Settings) else DEFAULT_PROTO
+    if isinstance(proto, bool) or not isinstance(proto, int) or not 0 < proto < 256:
+        raise ValueError(f"rule record has protocol {proto!r}, not 1-255")
+    return proto
+
+
 @undoes("route.rule")
 def undo_rule(net: Routing, undo: dict[str, Any]) -> None:
-    # Rules name the device, so they outlive it: delete by full identity, repeatedly in
-    # case an earlier crash left a duplicate.
+    # Rules name the device, so they outlive it: delete by full identity, mark included
+    # (the kernel matches the protocol, so an operator's identical rule without our mark
+    # is never the one deleted), repeatedly in case an earlier crash left a duplicate.
+    proto = rule_proto(net, undo)
     for _ in range(16):
         try:
-            net.rule_del(undo["family"], undo["iifname"], undo["table"], undo["priority"])
+            net.rule_del(undo["family"], undo["iifname"], undo["table"], undo["priority"], proto)
         except NetlinkError as exc:
             if exc.code in GONE:
                 return
@@ -466,7 +500,8 @@ def plan(nic: Nic, net: Routing, settings: Settings) -> Plan:
         steps += [Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "forwarding"), "1"),
                   Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "proxy_ndp"), "1")]
     if nic.link is not None:
-        steps += [Rule(f, nic.tap, table, settings.rule_priority) for f in families]
+        steps += [Rule(f, nic.tap, table, settings.rule_priority, settings.route_proto)
+                  for f in families]
     steps += [HostRoute(f, a, nic.tap, table, settings.route_proto) for f, a in families.items()]
     if gateway6:
         steps.append(ProxyNeigh(gateway6, nic.tap, settings.route_proto,

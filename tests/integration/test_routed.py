@@ -54,11 +54,12 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def rule_view(r: dict[str, Any]) -> dict[str, Any]:
-    """A rule as far as routed mode defines it: priority, iif, table, and no other
-    selector (a protocol tag on the rule is allowed)."""
+    """A rule as far as routed mode defines it: priority, iif, table, its protocol (our
+    mark; `ip` omits it for an unmarked rule), and no other selector."""
     extra = {k for k in r if k not in ("priority", "src", "iif", "table", "protocol", "iif_detached")}
     assert not extra and r.get("src", "all") == "all", f"unexpected selector in {r}"
-    return {"priority": r["priority"], "iif": r.get("iif"), "table": r.get("table")}
+    return {"priority": r["priority"], "iif": r.get("iif"), "table": r.get("table"),
+            "protocol": r.get("protocol")}
 
 
 def route_view(r: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +81,8 @@ def assert_plugged(host: Host, guest: Guest, *, table: str = TABLE, rule: bool =
     assert "UP" in link["flags"], f"{tap} is not up: {link['flags']}"
     for fam, addr in (("-4", guest.addr4), ("-6", guest.addr6)):
         mine = [rule_view(r) for r in host.ns.ipj(fam, "rule", "show") if r.get("iif") == tap]
-        want_rule = [{"priority": priority, "iif": tap, "table": table}] if addr and rule else []
+        want_rule = ([{"priority": priority, "iif": tap, "table": table, "protocol": proto}]
+                     if addr and rule else [])
         assert mine == want_rule, f"{fam} rules for {tap}"
         routes = [route_view(r) for r in host.routes(fam, table)
                   if r.get("dev") == tap and r.get("protocol") != "kernel"]  # not fe80::/64
@@ -870,6 +872,90 @@ def test_an_administrators_proxy_entry_survives_ifup_and_ifdown(world: World) ->
     assert world.ifdown(a, "tap0").returncode == 0
     assert a.ns.snapshot() == before
     assert [proxy_view(p) for p in a.proxies("-4")] == [{"dst": GUEST4, "dev": a.uplink, "protocol": None}]
+
+
+# --- rules: ours carry the mark, an operator's identical rule is never ours -----------------
+
+
+def tap_rules(host: Host, fam: str, tap: str = "tap0") -> list[dict[str, Any]]:
+    return [rule_view(r) for r in host.ns.ipj(fam, "rule", "show") if r.get("iif") == tap]
+
+
+def operator_rule(fam: str, tap: str = "tap0") -> list[str]:
+    """`ip rule add` arguments of the very rule routed mode makes, without a protocol
+    (what an operator types, or what nichooks before the mark left behind)."""
+    return [fam, "rule", "add", "iif", tap, "lookup", TABLE, "priority", str(PRIORITY)]
+
+
+def test_our_rules_carry_the_protocol_mark(world: World) -> None:
+    """Every rule we add is tagged with NICHOOKS_ROUTE_PROTO, as our routes and proxy
+    entries are: it is what tells ours from an operator's identical rule."""
+    a = world.a
+    plugged_on_a(world)
+    for fam in ("-4", "-6"):
+        assert tap_rules(a, fam) == [
+            {"priority": PRIORITY, "iif": "tap0", "table": TABLE, "protocol": PROTO}]
+    assert world.ifdown(a, "tap0").returncode == 0
+    assert a.our_rules("-4") == [] and a.our_rules("-6") == []
+
+
+def test_an_operators_identical_rule_survives_ifup_and_ifdown(world: World) -> None:
+    """An operator's rule with our very selector, table and priority but no mark, there
+    before the plug: ifup adds ours next to it (the kernel tells them apart by
+    protocol), ifdown removes ours and leaves theirs."""
+    a = world.a
+    guest = world.plug(a)
+    for fam in ("-4", "-6"):
+        a.ns.ip(*operator_rule(fam))
+    before = a.ns.snapshot()
+    theirs = {"priority": PRIORITY, "iif": "tap0", "table": TABLE, "protocol": None}
+    ours = {**theirs, "protocol": PROTO}
+    up = world.ifup(a, guest)
+    assert up.returncode == 0, up.stderr
+    for fam in ("-4", "-6"):
+        assert tap_rules(a, fam) == [theirs, ours], f"{fam} rules after ifup"
+    assert_ping(world.router, GUEST4)
+    assert_ping(world.router, GUEST6)
+    down = world.ifdown(a, "tap0")
+    assert down.returncode == 0, down.stderr
+    for fam in ("-4", "-6"):
+        assert tap_rules(a, fam) == [theirs], f"{fam} rules after ifdown"
+    assert a.ns.snapshot() == before
+    assert a.journals() == []
+
+
+@pytest.mark.parametrize("recorded", ["old-style", "tampered"])
+def test_undo_never_deletes_an_unmarked_rule(world: World, recorded: str) -> None:
+    """A journal whose rule records name no mark (as nichooks wrote them before rules
+    were marked), or a mark of 0 (which the kernel would read as "any protocol"), and
+    whose rules an operator has since replaced with their own unmarked ones: undo
+    leaves the operator's rules."""
+    a = world.a
+    plugged_on_a(world)
+    (path,) = a.journals()
+    journal = json.loads(path.read_text())
+    rules = [r for r in journal["records"] if r["kind"] == "route.rule"]
+    assert len(rules) == 2
+    for record in rules:
+        record["undo"].pop("proto", None)
+        assert set(record["undo"]) == {"family", "iifname", "table", "priority"}  # old-style
+        if recorded == "tampered":
+            record["undo"]["proto"] = 0
+    path.write_text(json.dumps(journal))
+    for fam in ("-4", "-6"):
+        a.ns.ip(fam, "rule", "del", "iif", "tap0", "lookup", TABLE, "priority", str(PRIORITY))
+        a.ns.ip(*operator_rule(fam))
+    theirs = [{"priority": PRIORITY, "iif": "tap0", "table": TABLE, "protocol": None}]
+    down = world.ifdown(a, "tap0")
+    for fam in ("-4", "-6"):
+        assert tap_rules(a, fam) == theirs, f"{fam} rules after ifdown ({recorded})"
+    if recorded == "old-style":
+        assert down.returncode == 0, down.stderr
+        assert a.journals() == []
+    else:  # refused, and kept for an operator to look at
+        assert "protocol 0" in down.stderr, down.stderr
+        (kept,) = a.journals()
+        assert {r["kind"] for r in json.loads(kept.read_text())["records"]} == {"route.rule"}
 
 
 def test_ifup_repairs_after_an_uplink_restart(world: World) -> None:
