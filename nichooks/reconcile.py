@@ -329,9 +329,6 @@ def journaled_steps(net: Host, settings: Settings, journal: Journal) -> list[Ste
     if journal.mode == "routed" and not journal.deferred:
         # Switchover happened (`nichooks announce`): the uplink entries are ours now.
         variables.pop("MIGRATION_PHASE", None)
-        instance = variables.get("INSTANCE", "")
-        if instance.endswith("--incoming"):
-            variables["INSTANCE"] = instance[: -len("--incoming")]
     variables["INTERFACE"] = journal.tap
     nic = nicmod.from_variables(variables, tap=journal.tap)
     if journal.key != nic.key and journal.key.startswith(nic.uuid + "-"):

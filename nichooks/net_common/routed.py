@@ -427,7 +427,9 @@ def proxy_present(net: Routing, undo: dict[str, Any]) -> bool:
 
 # -- the plan ----------------------------------------------------------------------------
 def migration_target_before_switchover(nic: Nic) -> bool:
-    return nic.migration_phase == "pre" or nic.instance.endswith("--incoming")
+    """Only MIGRATION_PHASE says so. A Xen domain's `--incoming` suffix is turned into
+    it by vif-ganeti; a KVM instance may simply be called `web--incoming`."""
+    return nic.migration_phase == "pre"
 
 
 def _uplink(net: Routing, nic: Nic, family: int, table: int, override: str | None) -> str | None:

@@ -996,3 +996,18 @@ def test_ifdown_twice_and_of_an_unknown_tap(world: World) -> None:
     assert other.returncode == 0 and other.stderr == ""
     assert a.ns.snapshot() == before
 
+
+
+def test_kvm_instance_named_like_a_xen_incoming_domain_gets_its_uplink_entries(
+        world: World) -> None:
+    """`--incoming` is libxl's name for a domain being received; vif-ganeti turns it into
+    MIGRATION_PHASE=pre. A KVM instance may just be called that."""
+    guest = world.plug(world.a)
+    up = world.ifup(world.a, guest, INSTANCE="web--incoming")
+    assert up.returncode == 0, up.stderr
+    assert_plugged(world.a, guest)  # uplink proxy entries included
+    (journal,) = world.a.journals()
+    assert json.loads(journal.read_text())["deferred"] == []
+    assert_ping(world.router, GUEST4)
+    assert world.ifdown(world.a, "tap0").returncode == 0
+    assert_unplugged(world.a)
