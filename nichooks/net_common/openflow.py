@@ -16,6 +16,7 @@ whatever the port number is by then (Neutron's habit).
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ P_TAGGED = 1050    # tagged frames of a trunk port: MAC check only
 P_ALLOW = 1100     # the guest's own addresses, DHCP, link-local, DAD, RS
 P_DENY = 1150      # spoofing shapes the allows would let through
 P_EXCEPT = 1200    # the legitimate cases of those shapes
+OUR_PRIORITIES = frozenset({P_DROP, P_TAGGED, P_ALLOW, P_DENY, P_EXCEPT})
 
 UNTAGGED = "vlan_tci=0x0000/0x1000"
 ZERO_MAC = "00:00:00:00:00:00"
@@ -130,6 +132,45 @@ def antispoof_flows(guest: Guest) -> list[str]:
     return flows
 
 
+# A dumped flow (`--no-stats --no-names`) exactly as `add` leaves one: table 0, no
+# timeouts, flags or importance, a priority and a match. Anything else is not ours.
+_OUR_SHAPE = re.compile(r"cookie=0x([0-9a-f]{1,16}), priority=(\d+),(\S+) actions=\S+")
+_IN_PORT = re.compile(r"(?:^|,)in_port=(\d+)(?:,|$)")
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One dumped flow in the shape `antispoof_flows` gives: enough to tell whether it
+    could be ours, and to delete exactly it (strict: cookie, priority and match)."""
+
+    cookie: int
+    priority: int
+    match: str
+
+    @property
+    def in_port(self) -> int | None:
+        found = _IN_PORT.search(self.match)
+        return int(found.group(1)) if found else None
+
+    def antispoof_shaped(self) -> bool:
+        """At one of our priorities and on one port: every flow `antispoof_flows` makes
+        is. A cookie prefix alone is not enough: other software (a Neutron agent picks a
+        random cookie at every restart) may have 0x4e48 as its top 16 bits."""
+        return self.priority in OUR_PRIORITIES and self.in_port is not None
+
+    def strict(self) -> str:
+        return f"{cookie_match(self.cookie)},priority={self.priority},{self.match}"
+
+
+def parse_flow(line: str) -> Flow | None:
+    """A `dump-flows --no-stats --no-names` line as a Flow; None if it is not shaped
+    like one we add (another table, a timeout, a flag, no priority)."""
+    found = _OUR_SHAPE.fullmatch(line.strip())
+    if found is None:
+        return None
+    return Flow(int(found.group(1), 16), int(found.group(2)), found.group(3))
+
+
 class OpenFlowError(Exception):
     def __init__(self, message: str, stderr: str = "") -> None:
         super().__init__(message)
@@ -166,6 +207,17 @@ class OpenFlow:
             raise OpenFlowError(f"ovs-ofctl {what}: {lines[-1] if lines else 'failed'}", done.stderr)
         return done.stdout
 
+    def _flow_mods(self, what: str, bridge: str, text: str) -> None:
+        """Flow mods (`add-flows` file syntax) in one OpenFlow 1.4 bundle, or one by one
+        on a bridge whose `protocols` exclude OpenFlow 1.4."""
+        try:
+            self._run(what, ["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge), "-"],
+                      text)
+        except OpenFlowError as exc:
+            if "version negotiation failed" not in exc.stderr:
+                raise
+            self._run(what, ["add-flows", self.target(bridge), "-"], text)
+
     def add(self, bridge: str, cookie_value: int, flows: list[str], ofport: int) -> None:
         """All flows in one OpenFlow 1.4 bundle: all of them or none. A bridge whose
         `protocols` exclude OpenFlow 1.4 gets them one by one, catch-all drop first
@@ -178,13 +230,7 @@ class OpenFlow:
         # re-created under a new number, they would otherwise be there twice.
         text = (f"delete in_port={ofport},{PREFIX_MATCH}\n"
                 f"delete {cookie_match(cookie_value)}\n" + text)
-        try:
-            self._run("add-flows", ["-O", "OpenFlow14", "--bundle", "add-flows", self.target(bridge),
-                                    "-"], text)
-        except OpenFlowError as exc:
-            if "version negotiation failed" not in exc.stderr:
-                raise
-            self._run("add-flows", ["add-flows", self.target(bridge), "-"], text)
+        self._flow_mods("add-flows", bridge, text)
 
     def delete(self, bridge: str, cookie_value: int) -> None:
         self._run("del-flows", ["del-flows", self.target(bridge), cookie_match(cookie_value)])
@@ -198,6 +244,21 @@ class OpenFlow:
                 if part.startswith("cookie="):
                     found.add(int(part[7:], 16))
         return found
+
+    def flows(self, bridge: str) -> list[Flow]:
+        """Every flow with our cookie prefix that is shaped like one we add (any NIC);
+        the rest are someone else's whatever their cookie."""
+        out = self._run("dump-flows", ["--no-stats", "--no-names", "dump-flows", self.target(bridge),
+                                       PREFIX_MATCH])
+        return [flow for line in out.splitlines() if (flow := parse_flow(line)) is not None]
+
+    def delete_exactly(self, bridge: str, flows: Sequence[Flow]) -> None:
+        """Delete these flows and nothing else, in one bundle: strict matches on cookie,
+        priority and match, so a flow added since with the same cookie but another
+        match (a new plug of the NIC on another port number) stays."""
+        if flows:
+            self._flow_mods("del-flows", bridge,
+                            "".join(f"delete_strict {flow.strict()}\n" for flow in flows))
 
     def dump(self, bridge: str, cookie_value: int) -> list[str]:
         out = self._run("dump-flows", ["--no-stats", "--no-names", "dump-flows", self.target(bridge),

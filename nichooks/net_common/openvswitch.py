@@ -215,6 +215,18 @@ def ovs_flows_present(net: Host, undo: dict[str, Any]) -> bool:
         openflow.dump(undo["bridge"], int(undo["cookie"])))
 
 
+def flows_withheld(settings: Settings, bridge: db.BridgeInfo) -> str | None:
+    """Why a plug adds no anti-spoofing flows on this bridge, or None if it adds them.
+    One rule for both sides: the sweep deletes flows only where a plug adds them, so
+    a flow on any other bridge is someone else's whatever its cookie says."""
+    if settings.ovs_antispoof == "off":
+        return "anti-spoofing flows are off (NICHOOKS_OVS_ANTISPOOF=off)"
+    managed = bridge.controller_managed
+    if managed:
+        return f"no anti-spoofing flows: {managed}; filtering is left to the controller"
+    return None
+
+
 def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     assert nic.link is not None  # nic.py requires LINK in openvswitch mode
     label = nic.label()
@@ -250,11 +262,9 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
         OvsPort(spec, owner=nic.key),
     ]
     notes: list[str] = []
-    managed = bridge.controller_managed
-    if settings.ovs_antispoof == "off":
-        notes.append("anti-spoofing flows are off (NICHOOKS_OVS_ANTISPOOF=off)")
-    elif managed:
-        notes.append(f"no anti-spoofing flows: {managed}; filtering is left to the controller")
+    withheld = flows_withheld(settings, bridge)
+    if withheld:
+        notes.append(withheld)
     else:
         v4, v6 = guest_addresses(nic)
         steps.append(OvsFlows(bridge=nic.link, port=nic.tap, cookie=cookie(nic.key),

@@ -71,3 +71,30 @@ def test_tagged_frames_only_on_the_trunks_asked_for(trunks: tuple[int, ...]) -> 
     # every other allow is for untagged frames only
     assert all("vlan_tci=0x0000/0x1000" in f for f in flows
                if f.endswith("NORMAL") and f not in tagged)
+
+
+def test_only_flows_shaped_like_ours_are_parsed_from_a_dump() -> None:
+    """The sweep deletes a dumped flow only if it is shaped like one `add` makes (table
+    0, no timeouts or flags, one of our priorities, on an in_port): anything else
+    with our cookie prefix is someone else's, and is not even parsed."""
+    from nichooks.net_common.openflow import Flow, parse_flow
+
+    ours = parse_flow(" cookie=0x4e484bcb71960b5f, priority=1150,udp,in_port=12,tp_dst=68 actions=drop")
+    assert ours == Flow(0x4E484BCB71960B5F, 1150, "udp,in_port=12,tp_dst=68")
+    assert ours.in_port == 12 and ours.antispoof_shaped()
+    assert ours.strict() == "cookie=0x4e484bcb71960b5f/-1,priority=1150,udp,in_port=12,tp_dst=68"
+    for line in (
+        " cookie=0x4e48000000000001, table=3, priority=1000,in_port=1 actions=drop",
+        " cookie=0x4e48000000000001, idle_timeout=50, priority=1000,in_port=1 actions=drop",
+        " cookie=0x4e48000000000001, reset_counts priority=1000,in_port=1 actions=drop",
+        " cookie=0x4e48000000000001, in_port=1 actions=drop",                 # default priority
+        ' cookie=0x4e48000000000001, priority=1000,in_port="tap a" actions=drop',
+    ):
+        assert parse_flow(line) is None, line
+    for line in (
+        " cookie=0x4e48000000000001, priority=5,in_port=1 actions=drop",     # not our priority
+        " cookie=0x4e48000000000001, priority=1000,arp actions=drop",        # on no port
+        " cookie=0x4e48000000000001, priority=1000,in_port=LOCAL actions=drop",
+    ):
+        flow = parse_flow(line)
+        assert flow is not None and not flow.antispoof_shaped(), line
