@@ -529,8 +529,9 @@ def ifdown(request: Request) -> list[str]:
     if variables is None:
         # Torn down already (a sweep or the agent found its device gone and ran the
         # scripts then), or never plugged: the scripts run once per plug.
-        log.info("ifdown", result="nothing journaled: already torn down or never plugged; "
-                 "ifdown scripts not run")
+        log.info("ifdown", scripts="not run",
+                 result="already torn down (by a sweep, the agent or an earlier ifdown, "
+                 "which ran the ifdown scripts), never plugged, or unreadable")
         return warnings
     tap = tap or variables.get("INTERFACE") or ""
     for failure in run_custom(settings, tap, request.env, variables, "down", context, log,
