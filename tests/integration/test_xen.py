@@ -5,6 +5,7 @@ PATH backed by a directory, the NIC file is written exactly as Ganeti writes it.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -13,11 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.nstools import Netns, bin_path, one_line
+from tests.nstools import Netns, bin_path, one_line, require_root
 
 STANDINS = Path(__file__).with_name("xen_standins")
 UUID = "9d1c3b2a-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 MAC = "aa:00:00:35:11:22"
+# The vif's own MAC and MTU, and the bridge's MTU, all differ from what a plug sets
+# and from any kernel default: a plug visibly changes each, and an undo that restored
+# a default (or nothing) rather than the old value shows.
+VIF_MAC = "02:5e:00:00:05:00"
+VIF_MTU = 1400
+BRIDGE_MTU = 9000
 
 
 @dataclass
@@ -60,6 +67,19 @@ class Dom0:
     def master(self, dev: str) -> str | None:
         return self.host.link(dev).get("master")
 
+    def state_files(self) -> dict[str, dict[str, str]]:
+        """The journals (`nics/`) and the tap index (`taps/`, tap -> key) in the state dir."""
+        out: dict[str, dict[str, str]] = {}
+        for sub in ("nics", "taps"):
+            d = self.root / "state" / sub
+            out[sub] = {p.name: p.read_text() for p in sorted(d.iterdir())} if d.exists() else {}
+        return out
+
+    def vif_state(self, dev: str = "vif5.0") -> tuple[str, int, bool, str | None]:
+        """(MAC, MTU, up, master) of a device, as `ip -j` reports them."""
+        link = self.host.link(dev)
+        return link["address"], link["mtu"], "UP" in link["flags"], link.get("master")
+
 
 # Exactly as hv_xen.py's _WriteNICInfoFile writes it (contract §6.3).
 NIC_FILE = f"""TAGS="web\\ prod"
@@ -76,14 +96,20 @@ VLAN=
 
 @pytest.fixture
 def dom0(tmp_path: Path) -> Iterator[Dom0]:
+    require_root()
     host, guest = Netns(), Netns()
     try:
         d = Dom0(host, guest, tmp_path)
         (tmp_path / "state").mkdir()
         (tmp_path / "conf").mkdir()
         host.ip("link", "add", "br0", "type", "bridge")
+        # Set after creation, as an operator would: only then does the kernel keep them
+        # (see bridged_env.Site.add_bridge).
+        host.ip("link", "set", "br0", "mtu", str(BRIDGE_MTU))
         host.ip("link", "set", "br0", "address", "02:00:00:00:00:01", "up")
         host.ip("link", "add", "vif5.0", "type", "veth", "peer", "name", "eth0", "netns", guest.name)
+        # Down, as netback creates it, with a MAC and MTU of its own.
+        host.ip("link", "set", "vif5.0", "address", VIF_MAC, "mtu", str(VIF_MTU))
         guest.ip("link", "set", "eth0", "address", MAC, "up")
         d.xs_write(".xl/domname/5", "inst1.example.org")
         d.xs_write("backend/vif/5/0/mac", MAC)
@@ -94,22 +120,30 @@ def dom0(tmp_path: Path) -> Iterator[Dom0]:
 
 
 def test_online_plugs_and_reports_connected_offline_unplugs(dom0: Dom0) -> None:
+    """Online changes the vif's MAC, MTU, master and up state; offline puts back every
+    one of them (the namespace as it was) and leaves no journal or tap index entry."""
     dom0.nic_file("inst1.example.org", 0, NIC_FILE)
     script = dom0.root / "conf" / "ifup.d" / "10-record"
     script.parent.mkdir()
     script.write_text(f"#!/bin/sh\necho \"$INSTANCE|$TAGS|$INTERFACE|$INTERFACE_UUID\" > {dom0.root}/seen\n")
     script.chmod(0o755)
+    before = dom0.host.snapshot()
+    assert dom0.vif_state() == (VIF_MAC, VIF_MTU, False, None)
     r = dom0.vif("online", "type_if=vif")
     assert r.returncode == 0, r.stderr
-    assert dom0.master("vif5.0") == "br0"
+    # fe + the vif's own MAC without its first octet, the bridge's MTU, enslaved, up
+    assert dom0.vif_state() == ("fe" + VIF_MAC[2:], BRIDGE_MTU, True, "br0")
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "connected"
     assert (dom0.root / "seen").read_text().strip() == f"inst1.example.org|web prod|vif5.0|{UUID}"
-    assert [p.name for p in (dom0.root / "state" / "nics").iterdir()] == [f"{UUID}.json"]
+    files = dom0.state_files()
+    assert list(files["nics"]) == [f"{UUID}.json"]
+    assert files["taps"] == {"vif5.0": UUID}
 
     r = dom0.vif("offline", "type_if=vif")
     assert r.returncode == 0, r.stderr
-    assert dom0.master("vif5.0") is None
-    assert list((dom0.root / "state" / "nics").iterdir()) == []
+    assert dom0.vif_state() == (VIF_MAC, VIF_MTU, False, None)
+    assert dom0.host.snapshot() == before
+    assert dom0.state_files() == {"nics": {}, "taps": {}}
 
 
 def test_commands_for_the_other_device_type_do_nothing(dom0: Dom0) -> None:
@@ -134,14 +168,73 @@ def test_vifname_renames_before_plugging(dom0: Dom0) -> None:
 
 
 def test_failure_writes_hotplug_error_and_leaves_nothing(dom0: Dom0) -> None:
+    """Refused in preflight (LINK does not exist): nothing in the namespace changes,
+    no journal or tap index entry stays, and libxl is told why."""
     dom0.nic_file("inst1.example.org", 0, NIC_FILE.replace("LINK=br0", "LINK=br9"))
+    before = dom0.host.snapshot()
     r = dom0.vif("online", "type_if=vif")
     assert r.returncode == 1
     line = one_line(r.stderr)
-    assert "br9" in line
+    assert "LINK br9: no such device" in line
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
-    assert "br9" in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
-    assert dom0.master("vif5.0") is None
+    assert "LINK br9: no such device" in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
+    assert dom0.host.snapshot() == before
+    assert dom0.state_files() == {"nics": {}, "taps": {}}
+
+
+# The bridged plan without a VLAN: 1 MAC, 2 MTU, 3 master, 4 up.
+PLAN_STEPS = ["set vif5.0 MAC to fe" + VIF_MAC[2:], f"set vif5.0 MTU to {BRIDGE_MTU}",
+              "attach vif5.0 to bridge br0", "bring vif5.0 up"]
+
+
+@pytest.mark.parametrize("failing", [2, 3, 4])
+def test_failure_after_changes_rolls_back_to_the_namespace_as_it_was(dom0: Dom0,
+                                                                     failing: int) -> None:
+    """A step fails after the steps before it changed the vif (NICHOOKS_TEST_FAULT in
+    libxl's environment): every change is undone, the journal and the tap index entry
+    go, and hotplug-status/hotplug-error say which step failed and why."""
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    before = dom0.host.snapshot()
+    r = dom0.vif("-v", "online", "type_if=vif", NICHOOKS_TEST_FAULT=f"fail-at:{failing}")
+    assert r.returncode == 1, r.stderr
+    # The steps before the failing one were applied, then undone, newest first.
+    applied = [m.group(1) for m in re.finditer(r'event=step step="([^"]*)" result=ok', r.stderr)]
+    assert applied == PLAN_STEPS[:failing - 1]
+    undone = [m.group(1) for m in re.finditer(r'event=undo step="([^"]*)" result=ok', r.stderr)]
+    assert undone == PLAN_STEPS[:failing][::-1]
+    cause = f"step {PLAN_STEPS[failing - 1]}: injected fault (NICHOOKS_TEST_FAULT)"
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("nichooks: ") and cause in last
+    assert dom0.host.snapshot() == before
+    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
+    assert cause in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
+
+
+def test_failing_ifup_script_rolls_back_the_whole_plug(dom0: Dom0) -> None:
+    """An ifup.d script that fails runs after the whole built-in plug (it sees the vif
+    enslaved, at the bridge's MTU, up): the plug is rolled back to the namespace as it
+    was, and libxl learns that the script failed and what it said."""
+    dom0.nic_file("inst1.example.org", 0, NIC_FILE)
+    script = dom0.root / "conf" / "ifup.d" / "50-refuse"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\nd=/sys/class/net/$INTERFACE\n"
+                      "echo \"$(cat $d/address) $(cat $d/mtu) $(cat $d/flags) "
+                      f"$(readlink $d/master)\" > {dom0.root}/seen\n"
+                      "echo 'no port for this tenant'\nexit 1\n")
+    script.chmod(0o755)
+    before = dom0.host.snapshot()
+    r = dom0.vif("online", "type_if=vif")
+    assert r.returncode == 1, r.stderr
+    mac, mtu, flags, master = (dom0.root / "seen").read_text().split()
+    assert (mac, mtu, master.rsplit("/", 1)[-1]) == ("fe" + VIF_MAC[2:], str(BRIDGE_MTU), "br0")
+    assert int(flags, 16) & 0x1  # IFF_UP
+    cause = f"{script} exited with status 1: no port for this tenant"
+    assert cause in one_line(r.stderr)
+    assert dom0.host.snapshot() == before
+    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
+    assert cause in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
 
 
 def test_hvm_emulated_tap_is_a_second_device_of_the_nic(dom0: Dom0) -> None:
