@@ -4,36 +4,55 @@ namespace behind a veth pair whose host end plays the tap."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.bridged_env import GUEST_MAC, Site
-from tests.nstools import one_line
+from tests.integration.syslog_capture import SyslogLine, SyslogSocket, run_with_dev_log
+from tests.nstools import bin_path, one_line
+
+# The taps' own MACs: the kernel's random veth MAC starts with fe one time in 64, and
+# then a plug that skipped the MAC step would look right. Neither starts with fe, nor
+# shares its last five octets with GUEST_MAC.
+TAP_MAC = "02:00:00:00:0a:01"
+OTHER_TAP_MAC = "06:00:00:00:0a:02"
 
 
 def ready(site: Site, mtu: int = 1500) -> dict[str, object]:
     site.add_bridge("br0", mtu=mtu, addr="192.0.2.1/24")
     site.add_tap()
+    site.host.ip("link", "set", "tap0", "address", TAP_MAC)
     return site.host.snapshot()
 
 
-def assert_plugged(site: Site, tap: str, bridge: str) -> None:
+def own_mac(site: Site, tap: str = "tap0") -> str:
+    """The tap's MAC as the kernel has it, read before the plug."""
+    mac: str = site.host.link(tap)["address"]
+    assert not mac.startswith("fe:") and mac[2:] != GUEST_MAC[2:], mac
+    return mac
+
+
+def assert_plugged(site: Site, tap: str, bridge: str, own: str) -> None:
+    """Plugged into `bridge`, up, with the bridge's MTU and the MAC bridge.plan gives
+    the tap: first octet fe, the other five the tap's own (`own`, read before the
+    plug), so the bridge never adopts it and it never equals the guest's."""
     link, br = site.host.link(tap), site.host.link(bridge)
     assert link.get("master") == bridge
     assert "UP" in link["flags"]
-    assert link["address"].startswith("fe:")
-    assert link["address"][2:] != GUEST_MAC[2:] or True  # the tap's own MAC, not the guest's
+    assert link["address"] == "fe" + own[2:]
     assert link["mtu"] == br["mtu"]
 
 
 
 def test_ifup_ifdown_on_jumbo_bridge_returns_namespace(site: Site) -> None:
     before = ready(site, mtu=9000)
+    mac = own_mac(site)
     up = site.hook("kvm-ifup", "tap0")
     assert up.returncode == 0, up.stderr
     assert up.stderr == ""
-    assert_plugged(site, "tap0", "br0")
+    assert_plugged(site, "tap0", "br0", mac)
     assert site.host.link("tap0")["mtu"] == 9000
     [journal] = site.journals()
     assert journal["key"] == site.nic_uuid and journal["tap"] == "tap0"
@@ -50,11 +69,12 @@ def test_ifup_ifdown_on_jumbo_bridge_returns_namespace(site: Site) -> None:
 
 def test_ifup_twice_converges_to_one_plug(site: Site) -> None:
     before = ready(site)
+    mac = own_mac(site)
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     first = site.host.link("tap0")
     again = site.hook("kvm-ifup", "tap0")
     assert again.returncode == 0, again.stderr
-    assert_plugged(site, "tap0", "br0")
+    assert_plugged(site, "tap0", "br0", mac)
     assert site.host.link("tap0")["address"] == first["address"]
     assert len(site.journals()) == 1
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
@@ -65,10 +85,11 @@ def test_ifup_with_new_link_moves_the_nic(site: Site) -> None:
     ready(site)
     site.add_bridge("br1", mtu=1400)
     before = site.host.snapshot()
+    mac = own_mac(site)
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     moved = site.hook("kvm-ifup", "tap0", env=site.env(LINK="br1"))
     assert moved.returncode == 0, moved.stderr
-    assert_plugged(site, "tap0", "br1")
+    assert_plugged(site, "tap0", "br1", mac)
     assert site.host.link("tap0")["mtu"] == 1400
     assert site.host.ipj("link", "show", "master", "br0") == []
     [journal] = site.journals()
@@ -81,8 +102,9 @@ def test_ganeti_stock_call_without_argument_and_bogus_argv(site: Site) -> None:
     """Stock Ganeti execs us as /etc/ganeti/kvm-vif-bridge with no argument; when
     INTERFACE is set, argv[1] is informational and can never fail the call."""
     before = ready(site)
+    mac = own_mac(site)
     assert site.hook("kvm-ifup").returncode == 0
-    assert_plugged(site, "tap0", "br0")
+    assert_plugged(site, "tap0", "br0", mac)
     again = site.hook("kvm-ifup", "../not a tap!")
     assert again.returncode == 0, again.stderr
     assert site.hook("kvm-ifdown", "tap0", "true").returncode == 0
@@ -104,9 +126,10 @@ def test_spec_file_for_plain_qemu(site: Site) -> None:
     (specs / "tap0").write_text(f'INSTANCE=vm1\nMAC={GUEST_MAC}\nMODE="bridged"\nLINK=br0\n')
     env = site.env(MODE=None, LINK=None, INTERFACE=None, MAC=None, INSTANCE=None,
                    INTERFACE_UUID=None, VLAN=None, TAGS=None, INTERFACE_INDEX=None)
+    mac = own_mac(site)
     up = site.hook("kvm-ifup", "tap0", env=env)
     assert up.returncode == 0, up.stderr
-    assert_plugged(site, "tap0", "br0")
+    assert_plugged(site, "tap0", "br0", mac)
     assert site.hook("kvm-ifdown", "tap0", env=env).returncode == 0
     assert site.host.snapshot() == before
 
@@ -180,9 +203,18 @@ def test_killed_ifup_is_undone_by_ifdown(site: Site, step: int) -> None:
 
 def test_killed_ifup_is_converged_by_the_next_ifup(site: Site) -> None:
     before = ready(site)
-    site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT="kill-after:2"))
+    mac = own_mac(site)
+    killed = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT="kill-after:2"))
+    # SIGKILLed (`ip netns exec` execs the hook, so the status is the hook's own):
+    # after the MAC and MTU steps, before it was attached, its journal half-way.
+    assert killed.returncode == -9, (killed.returncode, killed.stderr)
+    half = site.host.link("tap0")
+    assert half["address"] == "fe" + mac[2:] and half.get("master") is None
+    [journal] = site.journals()
+    records = journal["records"]
+    assert journal["state"] == "applying" and isinstance(records, list) and len(records) == 2
     assert site.hook("kvm-ifup", "tap0").returncode == 0
-    assert_plugged(site, "tap0", "br0")
+    assert_plugged(site, "tap0", "br0", mac)
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
     assert site.host.snapshot() == before
 
@@ -195,11 +227,13 @@ def test_tap_name_reused_by_another_nic(site: Site) -> None:
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     site.host.ip("link", "del", "tap0")
     site.add_tap(guest_if="eth1")
+    site.host.ip("link", "set", "tap0", "address", OTHER_TAP_MAC)
+    mac = own_mac(site)
     other = site.env(INTERFACE_UUID="0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c", LINK="br1",
                      MAC="aa:00:00:44:55:66")
     up = site.hook("kvm-ifup", "tap0", env=other)
     assert up.returncode == 0, up.stderr
-    assert_plugged(site, "tap0", "br1")
+    assert_plugged(site, "tap0", "br1", mac)
     [journal] = site.journals()
     assert journal["key"] == "0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c"
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
@@ -229,14 +263,68 @@ def test_plan_changes_nothing(site: Site) -> None:
     assert site.host.snapshot() == before and site.journals() == []
 
 
-def test_no_syslog_means_silence(site: Site) -> None:
-    assert not os.path.exists("/dev/log") or True  # hooks must not print either way
-    ready(site)
-    up = site.hook("kvm-ifup", "tap0")
-    assert up.returncode == 0 and up.stdout == "" and up.stderr == ""
-    verbose = site.hook("kvm-ifup", "-v", "tap0")
+def test_no_syslog_means_silence(site: Site, tmp_path: Path) -> None:
+    """With no /dev/log at all (a private mount namespace whose /dev has none, checked
+    in the hook's own namespace, whatever this machine has), the log lines are dropped:
+    nothing on stdout or stderr, unless -v asks for them."""
+    before = ready(site)
+    stage = tmp_path / "dev"
+
+    def hook(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_with_dev_log(site.host, [bin_path(name), *args], site.env(), stage, None)
+
+    up = hook("kvm-ifup", "tap0")
+    assert (up.returncode, up.stdout, up.stderr) == (0, "", "")
+    assert site.host.link("tap0").get("master") == "br0"  # it did work, silently
+    verbose = hook("kvm-ifup", "-v", "tap0")
+    assert verbose.returncode == 0, verbose.stderr
     assert "event=step" in verbose.stderr and f"uuid={site.nic_uuid}" in verbose.stderr
-    site.hook("kvm-ifdown", "tap0")
+    down = hook("kvm-ifdown", "tap0")
+    assert (down.returncode, down.stdout, down.stderr) == (0, "", "")
+    assert site.host.snapshot() == before
+
+
+def step_lines(lines: list[SyslogLine], event: str) -> list[dict[str, str]]:
+    return [line.fields for line in lines if line.fields.get("event") == event]
+
+
+def test_syslog_gets_one_structured_line_per_step(site: Site, tmp_path: Path) -> None:
+    """With a syslog socket at /dev/log (the test's own, bound there in a private
+    mount namespace), every step of ifup and every undo of ifdown is one line as
+    daemon.info from `nichooks`, naming the instance, NIC, tap, context, step and
+    result; and nothing is printed."""
+    before = ready(site)
+    mac = own_mac(site)
+    steps = [f"set tap0 MAC to fe{mac[2:]}", "set tap0 MTU to 1500",
+             "attach tap0 to bridge br0", "bring tap0 up"]
+    nic = {"instance": "inst1.example.org", "uuid": site.nic_uuid, "tap": "tap0"}
+    with SyslogSocket(tmp_path / "log.sock") as syslog:
+
+        def hook(name: str, *args: str) -> tuple[subprocess.CompletedProcess[str], list[SyslogLine]]:
+            result = run_with_dev_log(site.host, [bin_path(name), *args], site.env(),
+                                      tmp_path / "dev", syslog.path)
+            return result, syslog.take()
+
+        up, lines = hook("kvm-ifup", "tap0")
+        assert (up.returncode, up.stdout, up.stderr) == (0, "", "")
+        assert lines, "no syslog datagram arrived"
+        assert {(line.priority, line.ident) for line in lines} == {(3 * 8 + 6, "nichooks")}
+        logged = step_lines(lines, "step")
+        assert [f.get("step") for f in logged] == steps
+        for fields in logged:
+            assert fields == {**nic, "context": "start", "mode": "bridged", "event": "step",
+                              "step": fields["step"], "result": "ok"}
+        [done] = step_lines(lines, "ifup")
+        assert (done["result"], done["steps"], done["uuid"]) == ("ok", "4", site.nic_uuid)
+
+        down, lines = hook("kvm-ifdown", "tap0")
+        assert (down.returncode, down.stdout, down.stderr) == (0, "", "")
+        undone = step_lines(lines, "undo")
+        assert [f.get("step") for f in undone] == steps[::-1]
+        for fields in undone:
+            assert {k: fields.get(k) for k in (*nic, "context", "result")} == {
+                **nic, "context": "shutdown", "result": "ok"}
+    assert site.host.snapshot() == before
 
 
 def write_script(site: Site, phase: str, name: str, body: str, mode: int = 0o755) -> Path:
