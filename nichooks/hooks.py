@@ -318,8 +318,12 @@ def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journa
     """Apply the steps in order, each one's undo record on disk before it runs.
 
     `fault` is a testing knob (NICHOOKS_TEST_FAULT): `fail-at:N` makes step N fail
-    as if the kernel refused it, `kill-after:N` SIGKILLs this process right after
-    step N, so tests can prove rollback and crash recovery at every point."""
+    as if the kernel refused it, `fail-after:N` makes it fail once it was applied (a
+    half-applied step: rollback must undo a change that really happened),
+    `kill-after:N` SIGKILLs this process right after step N, and `drift:N` reverts
+    step N's change with its own undo once every step is applied (as someone else
+    would, behind our back), so its read-back fails. Tests prove rollback, the
+    read-back and crash recovery at every point with them."""
     for number, step in enumerate(plan.steps, 1):
         facts: dict[str, object] = {}
         try:
@@ -329,6 +333,8 @@ def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journa
             if fault == f"fail-at:{number}":
                 raise RuntimeError("injected fault (NICHOOKS_TEST_FAULT)")
             facts = step.apply(net) or {}
+            if fault == f"fail-after:{number}":
+                raise RuntimeError("injected fault after the step was applied (NICHOOKS_TEST_FAULT)")
             if fault == f"kill-after:{number}":
                 import os
                 import signal
@@ -342,6 +348,9 @@ def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journa
                 raise
             _rollback(store, net, nic, journal, log, first_new, cause, step.describe())
         log.info("step", step=step.describe(), result="ok", **facts)
+    for number, record in enumerate(journal.records[first_new:], 1):
+        if fault == f"drift:{number}":
+            undo_records(net, [record], log)
 
 
 def _verify(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journal,

@@ -11,12 +11,18 @@ from outside nichooks (`ip -j`, sysctl, ovs-vsctl, ovs-ofctl). The number of ste
 comes from `nichooks plan --json`, so every step of the plan is covered whatever
 the plan becomes; one more kill point, during the custom ifup scripts (after every
 step and the read-back, before the journal says `applied`), is covered too.
+
+Rollback (issue 15): a step that fails before it is applied, one that fails once its
+change really happened (a half-applied step), and one that applied but does not read
+back (its change reverted behind nichooks' back): each time, at every step of the
+plan, in every mode, exit 1 with one line and the host exactly as before the ifup.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +46,7 @@ from tests.integration.routed_env import (
     tap_sysctl_keys,
     uplink_ready,
 )
-from tests.nstools import Netns, bin_path, hook_env, require_root, wait_for
+from tests.nstools import Netns, bin_path, hook_env, one_line, require_root, wait_for
 
 HAVE_OVS = Path("/usr/sbin/ovs-vswitchd").exists()
 MODES = ["bridged", pytest.param("openvswitch", marks=pytest.mark.skipif(
@@ -389,6 +395,76 @@ def test_ifup_killed_after_every_step_leaves_no_residue(rig: Rig) -> None:
     assert calls.count(f"shutdown {rig.tap}") == len(points), calls
     print(f"\n{rig.mode}: {steps} steps + custom scripts, {tried} (step, recovery) fault cases, "
           f"{residue} with residue, {time.monotonic() - start:.1f}s")
+
+
+# --- rollback of a step that failed, or applied but does not read back -----------------
+
+PLUMBED = [m for m in MODES if m != "ext"]  # ext has no steps to fail
+INJECTED = {"fail-at": "injected fault (NICHOOKS_TEST_FAULT)",
+            "fail-after": "injected fault after the step was applied (NICHOOKS_TEST_FAULT)"}
+
+
+def every_step_a_change(rig: Rig) -> list[str]:
+    """Make the host differ from the plan in every step (the OVS tap's MTU other than
+    its bridge's, the routed tap's forwarding off), so that each step really changes
+    something; return the steps as `nichooks plan` describes them, in order. The
+    read-back test proves it for every step it reverts: reverting a step fails its
+    read-back only if the step changed the value."""
+    if rig.mode == "openvswitch":
+        rig.ns.ip("link", "set", rig.tap, "mtu", "1400")
+    if rig.mode == "routed":
+        for family in ("ipv4", "ipv6"):
+            rig.ns.run("sysctl", "-qw", f"net.{family}.conf.{rig.tap}.forwarding=0")
+    r = rig.run(bin_path("nichooks"), "plan", rig.tap, env=rig.nic_env())
+    assert r.returncode == 0, r.stderr
+    steps = re.findall(r"^  \d+\. (.*)$", r.stdout, re.MULTILINE)
+    assert len(steps) == rig.steps() >= MIN_STEPS[rig.mode], r.stdout
+    return steps
+
+
+@pytest.mark.parametrize("fault", ["fail-at", "fail-after"])
+@pytest.mark.parametrize("rig", PLUMBED, indirect=True)
+def test_failed_step_rolls_back_everything(rig: Rig, fault: str) -> None:
+    """Step N fails before it is applied (`fail-at`), or once its change was made
+    (`fail-after`: the kernel took step N, then the ifup fails, so rollback must undo a
+    half-applied step too), for every N: exit 1, one line naming step N and the cause,
+    and the host as before the ifup (links, addresses, rules, routes, proxies, VLANs;
+    the OVS ports, interfaces and flows; the routed sysctls), no journal, no tap index
+    entry, nothing of ours."""
+    steps = every_step_a_change(rig)
+    before = rig.observe()
+    for number, step in enumerate(steps, 1):
+        r = rig.ifup(NICHOOKS_TEST_FAULT=f"{fault}:{number}")
+        assert r.returncode == 1, (fault, number, r.returncode, r.stderr)
+        line = one_line(r.stderr)
+        assert line.endswith(f": step {step}: {INJECTED[fault]}"), (fault, number, line)
+        found = rig.residue(before, rig.observe())
+        assert not found, f"{rig.mode}: {fault}:{number} ({step}): {found}"
+
+
+@pytest.mark.parametrize("rig", PLUMBED, indirect=True)
+def test_step_that_does_not_read_back_is_rolled_back(rig: Rig) -> None:
+    """Every step applies, then step N's change is reverted behind nichooks' back
+    (`drift:N`: its own undo, run by the hook after the last step, as another tool
+    would), for every N: the read-back sees the kernel differ, so exit 1, one line
+    saying which step did not read back, and the host as before the ifup, no journal.
+
+    Not the OVS tap's MTU: ovs-vswitchd sets the port's mtu_request (the same value)
+    on the tap again whenever it sees the MTU change, so whether the read-back still
+    sees the reverted MTU is a race. Exactly that one step is left out."""
+    steps = every_step_a_change(rig)
+    racy = [s for s in steps if rig.mode == "openvswitch" and s.startswith(f"set {rig.tap} MTU to ")]
+    assert len(racy) == (rig.mode == "openvswitch"), steps
+    before = rig.observe()
+    for number, step in enumerate(steps, 1):
+        if step in racy:
+            continue
+        r = rig.ifup(NICHOOKS_TEST_FAULT=f"drift:{number}")
+        assert r.returncode == 1, (number, step, r.returncode, r.stderr)
+        line = one_line(r.stderr)
+        assert f": step verify {step}: read back: " in line, (number, line)
+        found = rig.residue(before, rig.observe())
+        assert not found, f"{rig.mode}: drift:{number} ({step}): {found}"
 
 
 # --- the sweep beside live NICs ---------------------------------------------------------
