@@ -348,9 +348,10 @@ def _apply(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journa
                 raise
             _rollback(store, net, nic, journal, log, first_new, cause, step.describe())
         log.info("step", step=step.describe(), result="ok", **facts)
-    for number, record in enumerate(journal.records[first_new:], 1):
-        if fault == f"drift:{number}":
-            undo_records(net, [record], log)
+    if fault.startswith("drift:"):
+        for number, record in enumerate(journal.records[first_new:], 1):
+            if fault == f"drift:{number}":
+                undo_records(net, [record], log)
 
 
 def _verify(store: Store, net: Host, nic: nicmod.Nic, plan: Plan, journal: Journal,
