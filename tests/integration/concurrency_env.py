@@ -7,14 +7,17 @@ as JSON, the tap index as files; never through nichooks' own Store.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
 import re
 import signal
 import statistics
+import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +31,25 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 # Custom ifup script (runs while the hook holds the NIC's locks): proves mutual
 # exclusion (mkdir is atomic: a second holder at the same time cannot create the
 # directory) and records the order in which ifups held the lock, by INSTANCE, with
-# the time (epoch seconds) at which each one held it.
+# the time (epoch seconds) at which each one held it. It also creates held/INSTANCE,
+# which puts the ifup into a Trail (below) among what the other holders did.
 ORDER_SCRIPT = """#!/bin/sh
 d="$NICHOOKS_STATE_DIR/order"
 if ! mkdir "$d/inside-$INTERFACE" 2>/dev/null; then
     echo "$INSTANCE" >> "$d/overlaps"
 fi
 echo "$INSTANCE $(date +%s.%N)" >> "$d/ifups"
+: > "$d/held/$INSTANCE"
 sleep 0.01
 rmdir "$d/inside-$INTERFACE" 2>/dev/null
+exit 0
+"""
+
+# Custom ifdown script (runs once per plug an ifdown undid, after its locks are
+# released): which call ($ORDER_CALL, set by the test) undid which plug ($INSTANCE and
+# $INTERFACE come from the journal it undid) while called for which tap ($1).
+DOWN_SCRIPT = """#!/bin/sh
+echo "${ORDER_CALL:--} $1 $INSTANCE $INTERFACE" >> "$NICHOOKS_STATE_DIR/order/downs"
 exit 0
 """
 
@@ -89,10 +102,13 @@ class Wave:
 FIGURES: list[str] = []
 
 
-def run_together(ns: Netns, calls: list[Call], name: str, deadline: float = 120.0) -> Wave:
+def run_together(ns: Netns, calls: list[Call], name: str, deadline: float = 120.0,
+                 after_start: Callable[[list[int]], None] | None = None) -> Wave:
     """Start every call inside `ns` at once and wait for all of them. If any is still
     running after `deadline` seconds, kill the stragglers (each by its own process
-    group: only what this function started) and fail: that is a deadlock or a hang."""
+    group: only what this function started) and fail: that is a deadlock or a hang.
+    `after_start`, if given, gets the calls' pids once all are started (the hook's pid:
+    `ip netns exec` execs it)."""
     procs: list[subprocess.Popen[str]] = []
     t0 = time.monotonic()
     try:
@@ -102,6 +118,8 @@ def run_together(ns: Netns, calls: list[Call], name: str, deadline: float = 120.
                 ["ip", "netns", "exec", ns.name, bin_path(call.hook), *call.args],
                 env=call.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, start_new_session=True))
+        if after_start is not None:
+            after_start([proc.pid for proc in procs])
         pending = set(range(len(procs)))
         end = t0 + deadline
         while pending:
@@ -187,16 +205,99 @@ def assert_store_sound(state: Path) -> dict[str, dict[str, Any]]:
 
 
 def install_order_script(state: Path, conf: Path) -> Path:
-    """ifup.d script recording the lock order; returns the order directory."""
+    """ifup.d script recording the lock order and ifdown.d script recording what each
+    ifdown undid; returns the order directory."""
     order = state / "order"
-    order.mkdir(parents=True, exist_ok=True)
-    scripts = conf / "ifup.d"
-    scripts.mkdir(exist_ok=True)
-    scripts.chmod(0o755)
-    path = scripts / "10-order"
-    path.write_text(ORDER_SCRIPT)
-    path.chmod(0o755)
+    (order / "held").mkdir(parents=True, exist_ok=True)
+    for action, text in (("ifup", ORDER_SCRIPT), ("ifdown", DOWN_SCRIPT)):
+        scripts = conf / f"{action}.d"
+        scripts.mkdir(exist_ok=True)
+        scripts.chmod(0o755)
+        path = scripts / "10-order"
+        path.write_text(text)
+        path.chmod(0o755)
     return order
+
+
+def reset_order(order: Path) -> None:
+    """Forget what earlier calls recorded (before a round)."""
+    for name in ("ifups", "downs"):
+        (order / name).unlink(missing_ok=True)
+    for marker in (order / "held").iterdir():
+        marker.unlink()
+
+
+def read_down_records(order: Path) -> list[tuple[str, str, str, str]]:
+    """(the ifdown call, the tap it was called for, INSTANCE and tap of the plug it
+    undid) for every plug an ifdown undid, from the ifdown.d script."""
+    path = order / "downs"
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for line in lines:
+        call, tap, instance, interface = line.split(" ")
+        records.append((call, tap, instance, interface))
+    return records
+
+
+# -- the order of a NIC's lock holders, from inotify ---------------------------------------
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_Q_OVERFLOW = 0x4000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+
+class Trail:
+    """What the holders of the locks did, in the order they did it, as inotify reports
+    it: ("held", INSTANCE) when an ifup's ifup.d script ran (it creates held/INSTANCE),
+    ("deleted", lock name) when a holder deleted a lock file (hooks._remove_unused_locks:
+    only a holder, while it still holds the lock, deletes one).
+
+    One inotify queue keeps the order in which the kernel saw the changes. Creations of
+    lock files are watched too, so that two deletions of one name are never adjacent:
+    inotify would merge two identical adjacent events (the file must be created again
+    before it can be deleted again). They are dropped: a waiter creates a deleted lock
+    file again, outside the lock."""
+
+    def __init__(self, held: Path, locks: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.kinds: dict[int, str] = {}
+        for path, mask, kind in ((held, IN_CREATE, "held"), (locks, IN_CREATE | IN_DELETE, "lock")):
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+            if wd < 0:
+                err = ctypes.get_errno()
+                os.close(self.fd)
+                raise OSError(err, f"inotify_add_watch {path}")
+            self.kinds[wd] = kind
+        self.seen: list[tuple[str, str]] = []
+
+    def __enter__(self) -> Trail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def events(self) -> list[tuple[str, str]]:
+        """Every event so far, in order."""
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return list(self.seen)
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                raw = data[offset + _EVENT.size: offset + _EVENT.size + length]
+                offset += _EVENT.size + length
+                assert not mask & IN_Q_OVERFLOW, "the inotify queue overflowed: the order is lost"
+                name = raw.split(b"\0", 1)[0].decode()
+                kind = self.kinds.get(wd)
+                if kind == "held" and mask & IN_CREATE:
+                    self.seen.append(("held", name))
+                elif kind == "lock" and mask & IN_DELETE and name.endswith(".lock"):
+                    self.seen.append(("deleted", name.removesuffix(".lock")))
 
 
 def links_by_name(ns: Netns) -> dict[str, dict[str, Any]]:

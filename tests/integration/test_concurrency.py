@@ -6,10 +6,18 @@ Open vSwitch (userspace datapath), in throwaway namespaces.
   it (master/MTU/up/MAC; OVS port, VLAN columns, ids, flows by cookie on its own port
   number), one sound journal per plugged NIC, and after the last wave nothing is left;
 - 8 competing calls at once (SCENARIOS: one NIC with 8 configurations; ifdowns mixed
-  in; 8 NICs claiming one tap name; two NICs swapping two taps): the journals are
-  exactly those of the ifups replayed in the order they held the locks (recorded by
-  an ifup.d script, which also proves no two ifups of one tap ever held it at once),
-  or none after an ifdown, and the whole state is that of one call, never a mix;
+  in; late ifdowns of the old tap of a NIC that moved; 8 NICs claiming one tap name;
+  two NICs swapping two taps): the journals are exactly those the calls leave replayed
+  one at a time in the order they held the locks, and the whole state is that of one
+  call, never a mix. The ifups' order is recorded by an ifup.d script (which also
+  proves no two ifups of one tap ever held it at once). Ifdowns run no script under
+  the lock, so in rounds with ifdowns an inotify Trail also records which lock files
+  the holders deleted (a holder deletes the files of the locks it leaves unused), and
+  the model must place every ifdown among the ifups so that each undoes the plug the
+  NIC has on its tap at that point, or nothing, and deletes exactly what it deleted.
+  An ifdown that did nothing although the NIC was plugged on its tap, or that tore
+  down the NIC's plug on another tap, fails; so does one whose ifdown.d script
+  (which records the plug each ifdown undid) names a plug on another tap;
 - a lock held past NICHOOKS_LOCK_TIMEOUT gives one line and exit 1, nothing changed;
 - an ifdown that looked the NIC up before it moved to a new tap leaves the new plug
   (it found a bug: the key is now re-checked against the tap under the lock).
@@ -53,6 +61,7 @@ from tests.integration.bridged_env import Site
 from tests.integration.concurrency_env import (
     FIGURES,
     Call,
+    Trail,
     Wave,
     assert_store_sound,
     flows_by_cookie,
@@ -63,8 +72,10 @@ from tests.integration.concurrency_env import (
     journal_cookie,
     links_by_name,
     ovs_table,
+    read_down_records,
     read_journals,
     read_tap_index,
+    reset_order,
     run_together,
     vlan_columns,
     wait_until_polling_a_lock,
@@ -221,6 +232,35 @@ class Config:
     kind: str | None
 
 
+# ifups: 8 ifups of one NIC, each with its own configuration; ifups-and-ifdowns: every
+# third call an ifdown instead; ifdowns-of-a-moved-nic: the NIC has moved from tap 0 to
+# tap 1 (hot-modify) and every third call is a late ifdown of tap 0 (its old tap) among
+# ifups of the NIC on tap 1: each must leave the plug on tap 1; one-tap-eight-nics: 8
+# NICs (UUIDs) claiming one tap name; two-nics-two-taps: NICs A and B each plugged onto
+# tap 0 or tap 1 (a NIC that moves takes its old tap's lock, a tap's new NIC takes the
+# old owner's).
+SCENARIOS = ("ifups", "ifups-and-ifdowns", "ifdowns-of-a-moved-nic", "one-tap-eight-nics",
+             "two-nics-two-taps")
+WITH_IFDOWNS = ("ifups-and-ifdowns", "ifdowns-of-a-moved-nic")
+TWO_TAPS = ("ifdowns-of-a-moved-nic", "two-nics-two-taps")
+
+
+@dataclass
+class Round:
+    """The calls of one round, started at once. A round with ifdowns first runs `first`
+    alone, which leaves exactly the plugs `initial` (tap -> the plug on it)."""
+
+    scenario: str
+    configs: dict[str, Config]
+    calls: list[Call]
+    first: list[Call] = field(default_factory=list)
+    initial: dict[str, Config] = field(default_factory=dict)
+
+    @property
+    def downs(self) -> list[Config]:
+        return [c for c in self.configs.values() if c.kind is None]
+
+
 def held_order(order: Path) -> list[tuple[str, float]]:
     """(INSTANCE, when) of the ifups, in the order they held their locks."""
     path = order / "ifups"
@@ -233,20 +273,16 @@ def assert_exclusive(order: Path) -> None:
     assert not overlaps.exists(), f"two ifups held one tap's lock at once: {overlaps.read_text()}"
 
 
-# ifups: 8 ifups of one NIC, each with its own configuration; ifups-and-ifdowns: every
-# third call an ifdown instead; one-tap-eight-nics: 8 NICs (UUIDs) claiming one tap
-# name; two-nics-two-taps: NICs A and B each plugged onto tap 0 or tap 1 (a NIC that
-# moves takes its old tap's lock, a tap's new NIC takes the old owner's).
-SCENARIOS = ("ifups", "ifups-and-ifdowns", "one-tap-eight-nics", "two-nics-two-taps")
-
-
 def competing_round(scenario: str, r: int, nics: list[Nic], kinds: list[str],
-                    env: Any) -> tuple[dict[str, Config], list[Call]]:
+                    env: Any) -> Round:
     """The 8 calls of one round, shuffled. Call j asks for kinds[(j + r) % len(kinds)]
-    with INSTANCE = its label; `env(nic, kind_or_None, label)` builds its environment."""
+    with INSTANCE = its label; `env(nic, kind_or_None, label)` builds its environment.
+    A round with ifdowns starts from the NIC plugged by a lone ifup: on tap 0, or on
+    tap 1 where it moved to."""
     contexts = ["", "true", "false", "hot-unplug"]
     configs: dict[str, Config] = {}
     calls: list[Call] = []
+    moved = Nic(index=nics[1].index, tap=nics[1].tap, mac=nics[1].mac, uuid=nics[0].uuid)
     for j in range(SAME):
         label = f"r{r}-{scenario}-{j}"
         nic = nics[0]
@@ -255,31 +291,207 @@ def competing_round(scenario: str, r: int, nics: list[Nic], kinds: list[str],
         elif scenario == "two-nics-two-taps":
             owner, tap = nics[j % 2], nics[(j // 2) % 2]
             nic = Nic(index=tap.index, tap=tap.tap, mac=tap.mac, uuid=owner.uuid)
-        if scenario == "ifups-and-ifdowns" and j % 3 == 1:
+        elif scenario == "ifdowns-of-a-moved-nic" and j % 3 != 1:
+            nic = moved
+        if scenario in WITH_IFDOWNS and j % 3 == 1:
             configs[label] = Config(label, nic.uuid, nic.tap, None)
-            calls.append(ifdown(label, nic.tap, env(nic, None, label),
+            # ORDER_CALL names the call in what the ifdown.d script records.
+            calls.append(ifdown(label, nic.tap, {**env(nic, None, label), "ORDER_CALL": label},
                                 contexts[(r + j) % len(contexts)]))
         else:
             kind = kinds[(j + r) % len(kinds)]
             configs[label] = Config(label, nic.uuid, nic.tap, kind)
             calls.append(ifup(label, nic.tap, env(nic, kind, label)))
     random.Random(f"{scenario}{r}").shuffle(calls)
-    return configs, calls
+    rnd = Round(scenario, configs, calls)
+    if scenario in WITH_IFDOWNS:
+        nic = moved if scenario == "ifdowns-of-a-moved-nic" else nics[0]
+        first = Config(f"r{r}-{scenario}-first", nic.uuid, nic.tap, kinds[r % len(kinds)])
+        rnd.first = [ifup(first.label, first.tap, env(nic, first.kind, first.label))]
+        rnd.initial = {first.tap: first}
+    return rnd
 
 
-def settle_round(order: Path, state: Path, configs: dict[str, Config], wave: Wave
+# -- the lock-order model: what the calls leave, replayed one at a time ----------------------
+# The plugs (tap -> the call whose plug it is), as the journals and the tap index say.
+Plugs = dict[str, Config]
+
+
+def plug_views(plugs: Plugs) -> dict[str, tuple[str, str]]:
+    return {tap: (c.label, c.uuid) for tap, c in plugs.items()}
+
+
+def journal_tap(plugs: Plugs, key: str) -> str | None:
+    return next((tap for tap, c in plugs.items() if c.uuid == key), None)
+
+
+def after_ifup(plugs: Plugs, config: Config) -> Plugs:
+    """An ifup takes the tap from whichever NIC had it and the NIC off whichever tap it
+    was on."""
+    after = {tap: c for tap, c in plugs.items() if c.uuid != config.uuid}
+    after[config.tap] = config
+    return after
+
+
+def after_ifdown(plugs: Plugs, key: str, tap: str) -> Plugs:
+    """An ifdown undoes the journal of NIC `key` only if it is a plug on `tap` (hooks.
+    _undo_journal: the NIC may have moved to another tap since the key was found)."""
+    if journal_tap(plugs, key) != tap:
+        return dict(plugs)
+    return {t: c for t, c in plugs.items() if t != tap}
+
+
+def lock_set(plugs: Plugs, key: str, tap: str) -> list[str]:
+    """hooks._lock_set: the NIC, its tap, the tap its journal names, and the NIC that
+    claims the tap; sorted, as they are taken."""
+    keys, taps = {key}, {tap}
+    if (old := journal_tap(plugs, key)) is not None:
+        taps.add(old)
+    if tap in plugs:
+        keys.add(plugs[tap].uuid)
+    return sorted({f"nic-{k}" for k in keys} | {f"tap-{t}" for t in taps})
+
+
+def unused_locks(after: Plugs, names: list[str]) -> list[str]:
+    """hooks._remove_unused_locks: the lock files a holder deletes on its way out, in
+    order: a NIC's once it has no journal, a tap's once no journal claims it."""
+    taps, keys = set(after), {c.uuid for c in after.values()}
+    return [n for n in names
+            if (n.startswith("nic-") and n[4:] not in keys) or (n.startswith("tap-") and n[4:] not in taps)]
+
+
+def key_at_start(initial: Plugs, down: Config) -> str:
+    """hooks._find_key, before the lock, in the state the round starts from: the NIC of
+    INTERFACE_UUID if it has a journal, else the tap's owner."""
+    key = down.uuid if journal_tap(initial, down.uuid) else (
+        initial[down.tap].uuid if down.tap in initial else None)
+    assert key is not None, f"{down.label} would find no NIC and take no lock: start it plugged"
+    return key
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One way the calls, one at a time, did what a Trail shows."""
+
+    plugs: Plugs
+    unplugged: tuple[tuple[str, str], ...]  # (an ifdown's tap, the label of the plug it undid)
+    story: tuple[str, ...]
+
+
+def explain(trail: list[tuple[str, str]], rnd: Round) -> list[Explanation]:
+    """Every placement of the round's ifdowns among its ifups (whose places the trail
+    gives: ("held", label)) under which the calls, replayed one at a time from
+    `rnd.initial`, delete exactly the lock files the trail shows deleted, in its order.
+
+    A holder deletes the lock files it leaves unused, in sorted order, before it
+    releases any lock: its deletions come before the next holder's events. All calls of
+    these rounds take the NIC's lock, and the first of a holder's deletions may be that
+    lock's file: the rest of its deletions (tap locks) may then come after the next
+    holder's events ("floating"). Every ifdown here deletes a lock file: the NIC's (it
+    leaves the NIC without a journal), or the tap's it was called for (the NIC is on
+    the other tap); so an ifdown that did nothing although the NIC was plugged on its
+    tap, or that tore down the NIC's plug on another tap, is explained by no placement."""
+    ups = {c.label: c for c in rnd.configs.values() if c.kind is not None}
+    nics = {c.uuid for c in rnd.configs.values()}
+    assert len(nics) == 1, "a round with ifdowns is of one NIC: its lock orders every event"
+    serial = f"nic-{nics.pop()}"
+    keys = {d.label: key_at_start(rnd.initial, d) for d in rnd.downs}
+    found: list[Explanation] = []
+
+    def split(freed: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if serial in freed:
+            at = freed.index(serial) + 1
+            return tuple(freed[:at]), tuple(freed[at:])
+        return tuple(freed), ()
+
+    def step(pos: int, plugs: Plugs, downs: tuple[Config, ...], floating: tuple[str, ...],
+             expect: tuple[str, ...], unplugged: tuple[tuple[str, str], ...],
+             story: tuple[str, ...]) -> None:
+        if len(found) >= 256:  # there are one or two; this only bounds a broken model
+            return
+        if pos == len(trail):
+            if not downs and not floating and not expect:
+                found.append(Explanation(plugs, unplugged, story))
+            return
+        kind, name = trail[pos]
+        if kind == "deleted" and name in floating:  # a deletion left over from an earlier holder
+            rest = list(floating)
+            rest.remove(name)
+            step(pos + 1, plugs, downs, tuple(rest), expect, unplugged, story)
+        if expect:  # the holder's own deletions come first
+            if kind == "deleted" and name == expect[0]:
+                step(pos + 1, plugs, downs, floating, expect[1:], unplugged, story)
+            return
+        if kind == "held":
+            config = ups[name]
+            after = after_ifup(plugs, config)
+            ordered, floats = split(unused_locks(after, lock_set(plugs, config.uuid, config.tap)))
+            step(pos + 1, after, downs, floating + floats, ordered, unplugged,
+                 (*story, f"ifup {name} on {config.tap}"))
+            return
+        tried = set()
+        for down in downs:
+            key = keys[down.label]
+            if (key, down.tap) in tried:
+                continue
+            tried.add((key, down.tap))
+            after = after_ifdown(plugs, key, down.tap)
+            ordered, floats = split(unused_locks(after, lock_set(plugs, key, down.tap)))
+            if ordered[:1] != (name,):
+                continue
+            gone = plugs[down.tap] if after != plugs else None
+            step(pos + 1, after, tuple(d for d in downs if d is not down), floating + floats,
+                 ordered[1:], (*unplugged, *([(down.tap, gone.label)] if gone else [])),
+                 (*story, f"ifdown of {down.tap}: " + (f"unplugs {gone.label}" if gone
+                                                      else "nothing of the NIC on it")))
+
+    step(0, dict(rnd.initial), tuple(rnd.downs), (), (), (), ())
+    return found
+
+
+def assert_trail_explained(rnd: Round, trail: list[tuple[str, str]],
+                           records: list[tuple[str, str, str, str]],
+                           seen: dict[str, tuple[str, str]]) -> Explanation:
+    """The ifdown.d records say which plug each ifdown undid: only one on the tap it was
+    called for, each plug once. Then some placement of the ifdowns among the ifups
+    (explain) does exactly what the trail shows, undoes exactly the plugs the records
+    name, and leaves exactly the journals there are: no `{}` let off."""
+    downs = {d.label: d for d in rnd.downs}
+    calls = [call for call, *_ in records]
+    assert len(calls) == len(set(calls)), f"an ifdown ran the ifdown scripts twice: {records}"
+    for call, tap, instance, interface in records:
+        assert call in downs and downs[call].tap == tap, (call, tap, records)
+        assert interface == tap, (f"{call}, an ifdown of tap {tap}, tore down the plug of "
+                                  f"{instance} on tap {interface}")
+    unplugged = sorted((tap, instance) for _, tap, instance, _ in records)
+    explanations = explain(trail, rnd)
+    assert explanations, (
+        f"no placement of the ifdowns among the ifups does what the lock holders did: "
+        f"an ifdown did nothing, or undid what it must not. Trail: {trail}; "
+        f"started from {plug_views(rnd.initial)}")
+    for explanation in explanations:
+        if plug_views(explanation.plugs) == seen and sorted(explanation.unplugged) == unplugged:
+            return explanation
+    raise AssertionError(
+        f"the journals {seen} and the plugs the ifdowns undid {unplugged} are not what "
+        "the lock order leaves: " + "; ".join(
+            f"{plug_views(e.plugs)} after {' -> '.join(e.story)}" for e in explanations))
+
+
+def settle_round(order: Path, state: Path, rnd: Round, wave: Wave,
+                 trail: list[tuple[str, str]] | None = None
                  ) -> dict[str, tuple[Config, dict[str, Any]]]:
     """After a round: every call exited 0 silently, no two ifups held one tap's lock at
-    once, each ifup held its locks once, and the journals are exactly what the ifups
-    leave when replayed one by one in the order they held the locks (an ifup takes
-    the tap from whichever NIC had it and the NIC off whichever tap it was on); with
-    ifdowns in the round, it may also be nothing at all (an ifdown came last).
+    once, each ifup held its locks once, and the journals are exactly what the calls
+    leave when replayed one by one in the order they held the locks: the ifups' order
+    from the ifup.d script; with ifdowns, the trail places them among the ifups
+    (assert_trail_explained).
     Returns {tap: (the config of the call whose plug it is, its journal)}."""
     assert wave.failed() == []
     assert_exclusive(order)
     times = held_order(order)
     held = [label for label, _ in times]
-    assert sorted(held) == sorted(c.label for c in configs.values() if c.kind), held
+    assert sorted(held) == sorted(c.label for c in rnd.configs.values() if c.kind), held
     # How long the ifups queued: from the call's start to holding the lock (its ifup.d
     # script), and the time between successive holders (one critical section).
     started = {c.label: c.epoch for c in wave.calls}
@@ -287,26 +499,67 @@ def settle_round(order: Path, state: Path, configs: dict[str, Config], wave: Wav
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(times)]
     FIGURES.append(f"  start-to-lock max {max(waits):.2f}s, between successive lock holders "
                    f"median {statistics.median(gaps):.2f}s")
-    model: dict[str, Config] = {}
-    for label in held:
-        config = configs[label]
-        model = {tap: c for tap, c in model.items() if c.uuid != config.uuid}
-        model[config.tap] = config
     journals = assert_store_sound(state)
     seen = {j["tap"]: (j["instance"], j["key"]) for j in journals.values()}
-    expected = {tap: (c.label, c.uuid) for tap, c in model.items()}
-    if any(c.kind is None for c in configs.values()):
-        assert seen in (expected, {}), (seen, expected)
+    if trail is None:
+        model = dict(rnd.initial)
+        for label in held:
+            model = after_ifup(model, rnd.configs[label])
+        assert seen == plug_views(model), (seen, plug_views(model))
     else:
-        assert seen == expected, (seen, expected)
+        assert [name for kind, name in trail if kind == "held"] == held, (trail, held)
+        explanation = assert_trail_explained(rnd, trail, read_down_records(order), seen)
+        FIGURES.append(f"  {rnd.scenario}: " + " -> ".join(explanation.story))
+    configs = {**{c.label: c for c in rnd.initial.values()}, **rnd.configs}
     return {j["tap"]: (configs[j["instance"]], j) for j in journals.values()}
+
+
+def play_round(ns: Netns, order: Path, state: Path, rnd: Round, name: str
+               ) -> dict[str, tuple[Config, dict[str, Any]]]:
+    """Run one round and settle it. A round with ifdowns starts from `rnd.initial` (its
+    `first` call, alone), and the test holds the NIC's lock until every call waits for
+    it: every call then finds the NIC, and each ifdown its key, in that known state
+    (an ifdown that found no journal would take no lock, and leave no trace), and the
+    calls take the lock one after the other, in an order a Trail records."""
+    if rnd.first:
+        alone = run_together(ns, rnd.first, f"{name}: the plug the round starts from")
+        assert alone.failed() == []
+        journals = assert_store_sound(state)
+        assert {j["tap"]: (j["instance"], j["key"]) for j in journals.values()} == \
+            plug_views(rnd.initial)
+    reset_order(order)
+    if not rnd.downs:
+        return settle_round(order, state, rnd, run_together(ns, rnd.calls, name))
+    from filelock import FileLock
+
+    holders = [FileLock(str(state / "locks" / f"nic-{key}.lock"), mode=0o644)
+               for key in sorted({c.uuid for c in rnd.configs.values()})]
+
+    def release_once_all_wait(pids: list[int]) -> None:
+        for pid in pids:
+            wait_until_polling_a_lock(pid, timeout=60)
+        for holder in holders:
+            holder.release()
+
+    for holder in holders:
+        holder.acquire()
+    try:
+        with Trail(order / "held", state / "locks") as trail:
+            wave = run_together(ns, rnd.calls, name, after_start=release_once_all_wait)
+            events = trail.events()
+    finally:
+        for holder in holders:
+            if holder.is_locked:
+                holder.release()
+    return settle_round(order, state, rnd, wave, events)
 
 
 def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
     """Rounds of 8 calls at once (SCENARIOS) to three bridges of different MTUs. After
-    each round the journals are exactly those of the ifups replayed in lock order (or
-    none after an ifdown), and the whole host is exactly as one lone call would have
-    left it (compared with reference snapshots): never a mix of two calls."""
+    each round the journals are exactly those the calls leave replayed in lock order
+    (ifdowns included: each undoes the plug the NIC has on its tap at that point, or
+    nothing), and the whole host is exactly as one lone call would have left it
+    (compared with reference snapshots): never a mix of two calls."""
     for bridge, mtu in BRIDGE_MTU.items():
         site.add_bridge(bridge, mtu=mtu)
     nics = make_nics(site.host, site.guest, 2)
@@ -327,12 +580,11 @@ def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
     outcomes = []
     for r in range(ROUNDS):
         for scenario in SCENARIOS:
-            configs, calls = competing_round(scenario, r, nics, list(BRIDGE_MTU), env)
-            (order / "ifups").unlink(missing_ok=True)
-            wave = run_together(site.host, calls, f"bridged, 8 competing calls ({scenario})")
-            plugged = settle_round(order, site.state, configs, wave)
+            rnd = competing_round(scenario, r, nics, list(BRIDGE_MTU), env)
+            plugged = play_round(site.host, order, site.state, rnd,
+                                 f"bridged, 8 competing calls ({scenario})")
             outcomes.append({tap: c.kind for tap, (c, _) in plugged.items()} or "unplugged")
-            if scenario != "two-nics-two-taps":
+            if scenario not in TWO_TAPS:
                 assert site.host.snapshot() == (ref[plugged["ct0"][0].kind or ""]
                                                 if plugged else before)
                 continue
@@ -626,16 +878,18 @@ def assert_ovs_plugged(sw: Switch, nics: list[Nic],
 
 
 # Plain ifups are left to the Linux bridge rounds: OVS hooks are slower.
-OVS_SCENARIOS = ("ifups-and-ifdowns", "one-tap-eight-nics", "two-nics-two-taps")
+OVS_SCENARIOS = ("ifups-and-ifdowns", "ifdowns-of-a-moved-nic", "one-tap-eight-nics",
+                 "two-nics-two-taps")
 
 
 def test_8_competing_calls_for_one_nic_ovs(ovs: tuple[Switch, Netns],
                                            dirs: tuple[Path, Path]) -> None:
     """The competing rounds on OVS ports: each ifup asks for its own VLAN, IP and MTU.
-    After each round the journals are exactly those of the ifups replayed in lock
-    order (or none after an ifdown), and each port's VLAN columns, ids, MTU, flows
-    and tap all name the call of its journal: never a mix of two calls, never a flow
-    left on a port a NIC moved off."""
+    After each round the journals are exactly those the calls leave replayed in lock
+    order (ifdowns included: each undoes the plug the NIC has on its tap at that point,
+    or nothing), and each port's VLAN columns, ids, MTU, flows and tap all name the
+    call of its journal: never a mix of two calls, never a flow left on a port a NIC
+    moved off."""
     sw, guest = ovs
     nics = make_nics(sw.host, guest, 2)
     before = links_by_name(sw.host)
@@ -649,14 +903,13 @@ def test_8_competing_calls_for_one_nic_ovs(ovs: tuple[Switch, Netns],
     outcomes = []
     for r in range(ROUNDS):
         for scenario in OVS_SCENARIOS:
-            configs, calls = competing_round(scenario, r, nics, kinds, env)
-            (order / "ifups").unlink(missing_ok=True)
-            wave = run_together(sw.host, calls, f"openvswitch, 8 competing calls ({scenario})")
-            plugged = settle_round(order, dirs[0], configs, wave)
+            rnd = competing_round(scenario, r, nics, kinds, env)
+            plugged = play_round(sw.host, order, dirs[0], rnd,
+                                 f"openvswitch, 8 competing calls ({scenario})")
             assert_ovs_plugged(sw, nics, plugged, before)
             outcomes.append({tap: ovs_kind(str(c.kind))["VLAN"] for tap, (c, _) in plugged.items()}
                             or "unplugged")
-            if scenario == "two-nics-two-taps":  # back to nothing plugged for the next round
+            if scenario in TWO_TAPS:  # back to nothing plugged for the next round
                 for tap in plugged:
                     down = sw.hook("kvm-ifdown", tap, env=hook_env(*dirs, NICHOOKS_OVSDB=sw.db,
                                                                    OVS_RUNDIR=str(sw.dir)))
