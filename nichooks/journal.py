@@ -68,7 +68,8 @@ class Record:
     @classmethod
     def from_json(cls, data: Any) -> Record:
         if not isinstance(data, dict) or not isinstance(data.get("kind"), str) \
-                or not isinstance(data.get("undo"), dict):
+                or not isinstance(data.get("undo"), dict) \
+                or not isinstance(data.get("error"), (str, type(None))):
             raise CorruptJournal(f"bad record {data!r:.80}")
         return cls(kind=data["kind"], undo=data["undo"], step=str(data.get("step", "")),
                    status=str(data.get("status", "pending")), error=data.get("error"))
@@ -111,8 +112,11 @@ class Journal:
                     isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
                 raise CorruptJournal("bad variables")
             ifindex = data.get("ifindex")
-            if ifindex is not None and not isinstance(ifindex, int):
-                raise CorruptJournal("bad ifindex")
+            if ifindex is not None and (not isinstance(ifindex, int) or isinstance(ifindex, bool)):
+                raise CorruptJournal("bad ifindex")  # True would be looked up as ifindex 1
+            link = data.get("link")
+            if link is not None and not isinstance(link, str):
+                raise CorruptJournal("bad link")
             records = data.get("records")
             if not isinstance(records, list):
                 raise CorruptJournal("bad records")
@@ -126,7 +130,7 @@ class Journal:
                 # "../../x" would reach outside the state directory.
                 key=check_key(str(data["key"])), tap=ifname("journal tap", str(data["tap"])),
                 mode=str(data["mode"]),
-                instance=str(data.get("instance", "")), link=data.get("link"),
+                instance=str(data.get("instance", "")), link=link,
                 ifindex=ifindex, context=str(data.get("context", "")),
                 state=str(data.get("state", "")), created=float(data.get("created", 0)),
                 variables=variables, records=[Record.from_json(r) for r in records],

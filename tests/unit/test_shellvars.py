@@ -1,13 +1,32 @@
 """parse_assignments against the real thing: every accepted sample is also sourced
-by bash, and both must agree on every variable and value."""
+by bash, and both must agree on every variable and value.
+
+Bash only ever runs in a sandbox where no command can run (run_bash): a restricted
+shell (no output redirection, no `cd`, `exec` or command names with a slash), with
+PATH naming a directory that does not exist (an empty PATH would mean the current
+directory to bash), in a fresh directory, as nobody when the tests run as root (so
+it cannot write there either), and with every builtin but the few the harness needs
+replaced by a function that reports it ran. Bait executables named like commands sit in that
+directory, on no PATH: one that ran would leave a mark. Afterwards the directory
+must be exactly as it was, and no mark there. So the samples may hold `$`,
+backticks, operators and commands: a file wrongly accepted shows up as a command
+reported, not as a command run.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import re
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,43 +36,147 @@ from nichooks.errors import InvalidInput
 from nichooks.shellvars import parse_assignments
 
 BASH = shutil.which("bash") or "/bin/bash"
-ENV = shutil.which("env") or "/usr/bin/env"
 
 # Files the glob samples would match if bash globbed assignment values.
 GLOB_BAIT = ("A=x", "E=zz", "G=abc", "G=a[b]", "abc", "x1")
+# Executables named like what a wrongly accepted sample could run; on no PATH.
+BAIT_COMMANDS = ("x", "a", "A", "B", "c", "d", "f", "id", "touch", "rm", "reboot", "sh", "true", "env")
+# The builtins left as they are: what the harness itself runs, and `export`, which
+# is part of the accepted grammar. Every other one reports that it ran.
+KEPT_BUILTINS = frozenset({"source", ".", "printf", "compgen", "export"})
+RAN = "__nichooks_ran__"
+DUMP = b"\0nichooks-dump\0"
+HOME = "/home-of-bash"  # what bash would put for an unquoted ~
+# Bash refuses these to a restricted shell; a sample that assigns one, or one of the
+# variables bash sets itself (bash_own_names), cannot be compared.
+RESTRICTED_NAMES = frozenset({"SHELL", "PATH", "ENV", "BASH_ENV", "HISTFILE"})
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def bash_source(path: Path, cwd: Path) -> dict[str, str]:
-    """The variables bash sets when sourcing ``path`` (with ``set -a`` so that
-    every assignment reaches ``env``), minus those bash sets by itself."""
+@functools.cache
+def builtins() -> tuple[str, ...]:
+    proc = subprocess.run([BASH, "--norc", "--noprofile", "-c", "compgen -b"], env={},
+                          capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    names = tuple(proc.stdout.split())
+    assert {"eval", "kill", "history", "cd", "true"} <= set(names), names
+    return names
 
-    def run(file: str) -> dict[str, str]:
-        script = f'set -a; source "$1" || exit 99; exec {ENV} -0'
+
+@dataclass(frozen=True)
+class BashRun:
+    variables: dict[str, str]  # every variable set after sourcing, bash's own included
+    ran: list[str]             # commands run or tried, in order (builtins, not found)
+    stderr: str
+    printed: bytes             # what the sample itself wrote to stdout
+    status: str                # the exit status of `source`
+    marks: list[str]           # bait executables that ran
+    changed: list[str]         # entries of the sandbox added, removed or altered
+
+    @property
+    def file_variables(self) -> dict[str, str]:
+        """The variables set by the sample, not by bash itself."""
+        own = bash_own_names()
+        return {k: v for k, v in self.variables.items() if k not in own}
+
+    def assert_contained(self) -> None:
+        assert self.marks == [], f"bait ran: {self.marks}"
+        assert self.changed == [], f"the sandbox directory changed: {self.changed}"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st_ = path.lstat()
+            data = path.read_bytes() if stat.S_ISREG(st_.st_mode) else b""
+            found[str(path.relative_to(root))] = (st_.st_mode, st_.st_uid, data)
+    return found
+
+
+def _script(name: str) -> str:
+    overrides = "".join(f'function {b} {{ {RAN}"$FUNCNAME"; }}\n'
+                        for b in builtins() if b not in KEPT_BUILTINS)
+    return (overrides
+            + f"source {name}\n"
+            + "__nichooks_status=$?\n"
+            + "printf '\\0nichooks-dump\\0%s\\0' \"$__nichooks_status\"\n"
+            + "for __nichooks_name in $(compgen -v); do\n"
+            + '  [[ -v $__nichooks_name ]] && printf \'%s=%s\\0\' "$__nichooks_name" "${!__nichooks_name}"\n'
+            + "done\n")
+
+
+def run_bash(content: str | bytes, path_variable: str | None = None) -> BashRun:
+    """Source ``content`` in the sandbox described above; ``path_variable`` replaces
+    the PATH that names nothing (only to prove that the bait works)."""
+    if isinstance(content, str):
+        content = content.encode("utf-8", "surrogateescape")
+    as_root = os.geteuid() == 0
+    sandbox = Path(tempfile.mkdtemp(prefix="nichooks-bash-"))
+    try:
+        os.chmod(sandbox, 0o755)  # readable by nobody, writable by no one but us
+        marks = sandbox / "marks"
+        marks.mkdir()
+        os.chmod(marks, 0o777)  # only a bait executable writes here
+        for bait in BAIT_COMMANDS:
+            script = sandbox / bait
+            script.write_text(f"#!/bin/sh\n: > '{marks}/{bait}'\n")
+            os.chmod(script, 0o755)
+        for name in GLOB_BAIT:
+            (sandbox / name).touch()
+        name = f"sample-{secrets.token_hex(6)}"  # no sample can name it to source it again
+        (sandbox / name).write_bytes(content)
+        os.chmod(sandbox / name, 0o644)
+        before = _snapshot(sandbox)
+        as_nobody: dict[str, Any] = {}
+        if as_root:
+            nobody = pwd.getpwnam("nobody")
+            as_nobody = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
         proc = subprocess.run(
-            [BASH, "--norc", "--noprofile", "-c", script, "bash", file],
-            env={},
-            cwd=cwd,
-            capture_output=True,
-            check=False,
+            [BASH, "--norc", "--noprofile", "-r", "-c", _script(name)],
+            env={"PATH": path_variable if path_variable is not None else str(sandbox / "no-commands"),
+                 "HOME": HOME},
+            cwd=sandbox, stdin=subprocess.DEVNULL, capture_output=True, check=False,
+            timeout=120,  # a hang guard only: a sample that loops must not block the suite
+            **as_nobody,
         )
-        assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode(errors="replace")
-        result = {}
-        for item in proc.stdout.split(b"\0"):
-            if item:
-                key, _, value = item.partition(b"=")
-                result[os.fsdecode(key)] = os.fsdecode(value)
-        return result
+        after = _snapshot(sandbox)
+        found_marks = sorted(os.listdir(marks))
+    finally:
+        shutil.rmtree(sandbox)
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and not k.startswith("marks/"))
+    printed, mark, dump = proc.stdout.partition(DUMP)
+    assert mark, f"bash stopped before the dump: {proc.stderr.decode(errors='replace')}"
+    status, *items = dump.split(b"\0")
+    variables = {}
+    for item in items:
+        if item:
+            key, _, value = item.partition(b"=")
+            variables[os.fsdecode(key)] = os.fsdecode(value)
+    stderr = proc.stderr.decode(errors="replace")
+    ran = [name.removeprefix(RAN)
+           for name in re.findall(r"line \d+: (.*): command not found$", stderr, re.MULTILINE)]
+    return BashRun(variables=variables, ran=ran, stderr=stderr, printed=printed,
+                   status=status.decode(), marks=found_marks, changed=changed)
 
-    baseline = run(os.devnull)
-    return {k: v for k, v in run(str(path)).items() if k not in baseline}
+
+@functools.cache
+def bash_own_names() -> frozenset[str]:
+    return frozenset(run_bash(b"").variables) | RESTRICTED_NAMES
 
 
-def both(text: str, tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
-    for name in GLOB_BAIT:
-        (tmp / name).touch()
-    path = tmp / "nicfile"
-    path.write_bytes(text.encode("utf-8", "surrogateescape"))
-    return parse_assignments(text, str(path)), bash_source(path, tmp)
+def bash_source(content: str | bytes) -> dict[str, str]:
+    """The variables sourcing ``content`` sets, having checked that bash ran nothing,
+    printed nothing and reported no error."""
+    run = run_bash(content)
+    run.assert_contained()
+    assert (run.ran, run.printed, run.stderr, run.status) == ([], b"", "", "0"), "bash did more than assign"
+    return run.file_variables
+
+
+def both(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    return parse_assignments(text, "nicfile"), bash_source(text)
 
 
 # The file Ganeti writes for a Xen NIC (hv_xen.py _WriteNICInfoFile), in its order.
@@ -122,8 +245,8 @@ ACCEPTED = {
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
-def test_agrees_with_bash(name: str, tmp_path: Path) -> None:
-    ours, bash = both(ACCEPTED[name], tmp_path)
+def test_agrees_with_bash(name: str) -> None:
+    ours, bash = both(ACCEPTED[name])
     assert ours == bash
 
 
@@ -221,42 +344,41 @@ def test_refused(text: str, line: int, words: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "literal_reading"),
+    ("text", "literal_reading", "bash_sets", "bash_runs", "refusal"),
     [
-        ("A=~\n", {"A": "~"}),
-        ("A=x:~\n", {"A": "x:~"}),
-        ("export A=x{1,2}\n", {"A": "x{1,2}"}),
-        ("A=1 B=2 true\n", {"A": "1", "B": "2"}),
-        ("A=1\\\nB=2\n", {"A": "1\\", "B": "2"}),
+        ("A=~\n", {"A": "~"}, {"A": HOME}, [], "home directory"),
+        ("A=x:~\n", {"A": "x:~"}, {"A": f"x:{HOME}"}, [], "home directory"),
+        ("export A=x{1,2}\n", {"A": "x{1,2}"}, {"A": "x2"}, [], "brace-expands"),
+        ("A=1 B=2 true\n", {"A": "1", "B": "2"}, {}, ["true"], "bash would run it as a command"),
+        ("A=1\\\nB=2\n", {"A": "1\\", "B": "2"}, {"A": "1B=2"}, [], None),
     ],
 )
-def test_naive_reading_would_be_wrong(text: str, literal_reading: dict[str, str], tmp_path: Path) -> None:
+def test_naive_reading_would_be_wrong(text: str, literal_reading: dict[str, str], bash_sets: dict[str, str],
+                                      bash_runs: list[str], refusal: str | None) -> None:
     """Why the rules exist: reading these files naively gives something other
     than what bash sets. The parser refuses the first four and gets the last
     one (a line continuation) right."""
-    path = tmp_path / "f"
-    path.write_text(text)
-    bash = bash_source(path, tmp_path)
-    assert bash != literal_reading
-    try:
-        assert parse_assignments(text, "f") == bash
-    except InvalidInput:
-        pass
+    run = run_bash(text)
+    run.assert_contained()
+    assert (run.file_variables, run.ran) == (bash_sets, bash_runs)
+    assert bash_sets != literal_reading
+    if refusal is None:
+        assert parse_assignments(text, "f") == bash_sets
+    else:
+        with pytest.raises(InvalidInput) as exc:
+            parse_assignments(text, "f")
+        assert refusal in exc.value.problem
 
 
-def test_bash_garbles_its_internal_quoting_bytes(tmp_path: Path) -> None:
+def test_bash_garbles_its_internal_quoting_bytes() -> None:
     """Why control characters are refused: bash 5.2 turns \\<01><7f> inside
     double quotes into \\<01><01> (its CTLESC/CTLNUL markers)."""
-    path = tmp_path / "f"
-    path.write_bytes(b'A="\\\x01\x7f"\n')
-    assert bash_source(path, tmp_path) == {"A": "\\\x01\x01"}  # not \\\x01\x7f
+    assert bash_source(b'A="\\\x01\x7f"\n') == {"A": "\\\x01\x01"}  # not \\\x01\x7f
 
 
-def test_bash_brace_expands_export_arguments(tmp_path: Path) -> None:
+def test_bash_brace_expands_export_arguments() -> None:
     """The surprise behind the ``export`` brace rule, pinned down."""
-    path = tmp_path / "f"
-    path.write_text("export A=x{1,2}\nB={1,2}\n")
-    assert bash_source(path, tmp_path) == {"A": "x2", "B": "{1,2}"}
+    assert bash_source("export A=x{1,2}\nB={1,2}\n") == {"A": "x2", "B": "{1,2}"}
 
 
 # --- hypothesis -------------------------------------------------------------------
@@ -352,16 +474,17 @@ def assignment_files(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
 def test_generated_files_agree_with_bash(case: tuple[str, dict[str, str]]) -> None:
     text, expected = case
     assert parse_assignments(text, "gen") == expected
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gen"
-        path.write_bytes(text.encode("utf-8"))
-        assert bash_source(path, Path(tmp)) == expected
+    assert bash_source(text) == expected
 
 
-# Fragments of shell text, biased towards assignments. With this alphabet the
-# worst a wrongly accepted file could make bash run is a command named like "x".
+# Fragments of shell text, biased towards assignments, with everything bash treats
+# specially: expansions, command substitutions, operators, CR and NUL, bare and
+# quoted. Bash sees only the files the parser accepts, and sees them in the sandbox:
+# a wrongly accepted one makes bash report a command (or a different value), never
+# run one.
 FRAGMENTS = [
     *"x=1'\"\\\n \t#~:{}*é[?!%-",
+    *"$`;&|<>()\r\0",
     "{a,b}",
     "\\\n",
     "\\\\",
@@ -372,6 +495,33 @@ FRAGMENTS = [
     "export",
     "A=",
     "B=",
+    "$x",
+    "${x}",
+    "$(x)",
+    "`x`",
+    "$'x'",
+    "$((1))",
+    ";x",
+    "&&x",
+    "|x",
+    ">x",
+    "<x",
+    "(x)",
+    " id",
+    "\r\n",
+    "'$x'",
+    "'`x`'",
+    "'a;b&c|d<e>f(g)'",
+    '"$"',
+    '"$x"',
+    '"${x}"',
+    '"`x`"',
+    '"$(x)"',
+    "a\\\nb",
+    '"\\$x"',
+    '"\\`x\\`"',
+    '"a;b&c|d<e>f(g)"',
+    *(f"\\{c}" for c in "$`;&|<>()"),
 ]
 fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=6).map("".join)
 shell_words = st.tuples(
@@ -382,18 +532,58 @@ shell_files = st.lists(st.tuples(shell_words, st.sampled_from([" ", "\n", "\t", 
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shell_files)
 def test_whatever_is_accepted_agrees_with_bash(text: str) -> None:
     """The central promise, tested from the other side: any file the parser
-    accepts, however odd, means to bash exactly what the parser says."""
+    accepts, however odd, means to bash exactly what the parser says, and makes
+    bash run nothing."""
     try:
         ours = parse_assignments(text, "f")
     except InvalidInput:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in GLOB_BAIT:
-            (Path(tmp) / name).touch()
-        path = Path(tmp) / "f"
-        path.write_bytes(text.encode("utf-8"))
-        assert ours == bash_source(path, Path(tmp))
+    # Refused whatever bash would make of them: NUL cannot even reach bash (not in
+    # a file it sources intact), CR would stay in the value, and bash garbles
+    # \x01 and \x7f.
+    assert not CONTROL.search(text), f"a control character was accepted: {text!r}"
+    assert ours == bash_source(text)
+
+
+# --- the sandbox itself ------------------------------------------------------------
+
+HOSTILE = """\
+touch made
+A=$(id) B=`x`
+echo hi > out; : >> out2
+history -s x; history -w hist
+cd /
+/bin/touch made2
+exec sh -c 'touch pwned'
+builtin true; command true; enable true; eval true
+. ./x
+kill -9 $$
+"""
+
+
+def test_the_sandbox_runs_nothing() -> None:
+    """The oracle can be given any text: commands are reported, not run."""
+    run = run_bash(HOSTILE)
+    run.assert_contained()
+    assert run.marks == [] and run.changed == []
+    assert run.ran == ["touch", "id", "x", "history", "history", "cd", "exec", "builtin", "command",
+                       "enable", "eval", "kill"]
+    assert "out: restricted: cannot redirect output" in run.stderr
+    assert "/bin/touch: restricted: cannot specify `/' in command names" in run.stderr
+    assert run.file_variables == {"A": "", "B": ""}
+    if os.geteuid() == 0:
+        assert run.variables["EUID"] == str(pwd.getpwnam("nobody").pw_uid)
+
+
+def test_the_bait_shows_a_command_that_ran() -> None:
+    """The check that nothing ran can fail: with an empty PATH bash looks in the
+    current directory, and the bait there marks what it ran."""
+    run = run_bash("touch made\nA=1\n", path_variable="")
+    assert run.marks == ["touch"] and run.ran == []
+    assert run.file_variables == {"A": "1"}
+    with pytest.raises(AssertionError, match="bait ran"):
+        run.assert_contained()
