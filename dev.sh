@@ -7,7 +7,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 venv="$here/.venv"
-debs=(python3 python3-venv iproute2 iputils-ping procps kmod openvswitch-switch qemu-system-x86)
+debs=(python3 python3-venv iproute2 iputils-ping procps kmod openvswitch-switch qemu-system-x86 strace)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

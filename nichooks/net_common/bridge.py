@@ -48,9 +48,10 @@ def preflight(nic: Nic, net: Netlink) -> tuple[LinkState, LinkState]:
     tap = net.find(nic.tap)
     if tap is None:
         raise PlumbingError(f"tap {nic.tap} does not exist", nic=nic.label(), step="preflight")
-    if tap.index == bridge.index or tap.kind in ("bridge", "openvswitch", "bond"):
-        raise PlumbingError(f"{nic.tap} is a {tap.kind} device, not a guest tap",
-                            nic=nic.label(), step="preflight")
+    reason = tap.not_a_tap() or (f"{nic.tap} is the bridge itself, not a guest tap"
+                                  if tap.index == bridge.index else None)
+    if reason:
+        raise PlumbingError(reason, nic=nic.label(), step="preflight")
     if nic.vlan is not None and not net.bridge_vlan_filtering(bridge):
         raise PlumbingError(
             f"VLAN {nic.vlan.canonical()} requested but bridge {bridge.name} cannot filter VLANs "

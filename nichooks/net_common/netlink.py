@@ -17,6 +17,9 @@ from typing import Any
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 
 
+IFF_LOOPBACK = 0x8
+
+
 @dataclass(frozen=True)
 class LinkState:
     index: int
@@ -27,6 +30,17 @@ class LinkState:
     mtu: int
     up: bool
     master: int | None
+    loopback: bool = False  # IFF_LOOPBACK: never a guest's tap, whatever its name
+
+    def not_a_tap(self) -> str | None:
+        """Why this device cannot be a guest's tap, or None. Loopback would take our MAC
+        (and could never be given its all-zero one back), a rule `iif lo` would catch the
+        host's own traffic; a bridge or bond is somebody's switch."""
+        if self.loopback:
+            return f"{self.name} is the loopback device, not a guest tap"
+        if self.kind in ("bridge", "openvswitch", "bond"):
+            return f"{self.name} is a {self.kind} device, not a guest tap"
+        return None
 
 
 class NetlinkError(Exception):
@@ -81,6 +95,7 @@ class Netlink:
             mtu=msg.get("mtu"),
             up=bool(msg["flags"] & 1),
             master=msg.get("master") or None,
+            loopback=bool(msg["flags"] & IFF_LOOPBACK),
         )
 
     def find(self, name: str) -> LinkState | None:

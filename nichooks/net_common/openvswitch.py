@@ -243,8 +243,10 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     tap = net.find(nic.tap)
     if tap is None:
         raise _fail(nic, f"tap {nic.tap} does not exist")
-    if nic.tap == nic.link or tap.kind in ("bridge", "openvswitch", "bond"):
-        raise _fail(nic, f"{nic.tap} is a {tap.kind or 'bridge'} device, not a guest tap")
+    reason = tap.not_a_tap() or (f"{nic.tap} is the bridge itself, not a guest tap"
+                                  if nic.tap == nic.link else None)
+    if reason:
+        raise _fail(nic, reason)
     mtu = settings.ovs_mtu or bridge.mtu or tap.mtu
     vlan = nic.vlan
     tag = vlan.access if vlan else None

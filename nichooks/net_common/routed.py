@@ -478,6 +478,9 @@ def plan(nic: Nic, net: Routing, settings: Settings) -> Plan:
     tap = net.find(nic.tap)
     if tap is None:
         raise PlumbingError(f"tap {nic.tap} does not exist", nic=label, step="preflight")
+    if tap.loopback:  # a rule `iif lo` would catch the host's own traffic
+        raise PlumbingError(f"{nic.tap} is the loopback device, not a guest tap", nic=label,
+                            step="preflight")
     for family, addr in families.items():
         owner = route_owner(net, family, addr, table)
         if owner is not None and owner["oif"] != tap.index:

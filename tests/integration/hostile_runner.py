@@ -9,7 +9,11 @@ match, the only device there is `lo`, never one of the machine's own. It records
 through a Python audit hook (PEP 578), every program started and every file opened
 for writing, created, removed, renamed or chmod-ed, so a test can check "never a
 shell" and "nothing written outside the state directory" directly instead of
-guessing from side effects. A SIGALRM turns a hang
+guessing from side effects. With `trace=True` the child and everything it starts also
+run under `strace -f -y`, which reports every file the kernel actually opened, by the
+path it resolved to: a read (or write) through a symlink out of a directory is seen
+as the file it reached, whatever name was opened and from which directory
+descriptor. A SIGALRM turns a hang
 (a FIFO planted where a file is expected, a lock never released) into a report
 that says where it hung.
 
@@ -21,11 +25,16 @@ inside a test's network namespace can run a whole hypothesis property.
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +63,11 @@ class Outcome:
     execs: list[list[str]] = field(default_factory=list)
     shell_calls: list[str] = field(default_factory=list)
     writes: list[str] = field(default_factory=list)   # real paths changed, each once
+    # With trace=True: [how, path] for every successful open(2)/openat(2)/openat2(2) by
+    # the child or any process it started, `path` being the file the kernel opened
+    # (symlinks followed) and `how` one of "read", "write" or "path" (O_PATH: looked at,
+    # never read). None when not traced.
+    opened: list[list[str]] | None = None
 
     def problems(self, allowed_roots: Sequence[str] = ()) -> list[str]:
         """Everything in this outcome that a hook must never do, whatever its input."""
@@ -73,6 +87,12 @@ class Outcome:
 
     def error_lines(self) -> list[str]:
         return [ln for ln in self.stderr.splitlines() if ln.strip()]
+
+    def opened_under(self, root: str, how: str) -> list[str]:
+        """The distinct paths under `root` (itself included) opened `how` (traced runs only)."""
+        assert self.opened is not None, "this case was not run with trace=True"
+        prefix = root.rstrip("/") + "/"
+        return sorted({p for h, p in self.opened if h == how and (p == root or p.startswith(prefix))})
 
 
 def _real(path: Any, dir_fd: Any = None, follow: bool = True) -> str | None:
@@ -297,23 +317,105 @@ def _child(entry: str, argv: Sequence[str], env: Mapping[str, str], cwd: str,
     finish()
 
 
+# -- strace: what the kernel really opened ------------------------------------------------
+# `openat(AT_FDCWD</cwd>, "name", O_RDONLY|O_CLOEXEC) = 3</the/file/opened>` (strace -y):
+# the call, its arguments, and the path of the descriptor it returned.
+_TRACED_OPEN = re.compile(r"^(?:\d+\s+)?(open|openat|openat2)\((.*)\) = \d+<(.*)>$")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_WRITING = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
+
+
+def strace_path() -> str | None:
+    return shutil.which("strace")
+
+
+def _classify(args: str) -> str:
+    flags = set(re.findall(r"\bO_[A-Z0-9_]+", _QUOTED.sub('""', args)))
+    if "O_PATH" in flags:
+        return "path"
+    return "write" if flags & set(_WRITING) else "read"
+
+
+def parse_trace(lines: Sequence[str]) -> list[list[str]]:
+    """[how, path] of every successful open in strace -y output (one file per process,
+    -ff, so no call is split across lines by another process's)."""
+    found = []
+    for line in lines:
+        match = _TRACED_OPEN.match(line.rstrip("\n"))
+        if match:
+            path = match.group(3)
+            if path.endswith(" (deleted)"):
+                path = path[: -len(" (deleted)")]
+            found.append([_classify(match.group(2)), path])
+    return found
+
+
+def _attach(pid: int, prefix: str) -> subprocess.Popen[bytes]:
+    """strace -f on `pid` (waiting on a pipe in the child), returned once attached."""
+    tool = strace_path()
+    if tool is None:
+        raise RuntimeError("strace is not installed: tracing needs it (Debian package strace)")
+    with open(prefix + "-errors", "wb") as errors:  # a file: a full pipe would stall strace
+        tracer = subprocess.Popen(
+            [tool, "-f", "-ff", "-qq", "-y", "-e", "trace=open,openat,openat2", "-e", "signal=none",
+             "-o", prefix, "-p", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errors)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                tracer_pid = next((ln.split()[1] for ln in f if ln.startswith("TracerPid:")), "0")
+        except OSError:
+            tracer_pid = "0"
+        if tracer_pid != "0":
+            return tracer
+        if tracer.poll() is not None or time.monotonic() > deadline:
+            tracer.kill()
+            tracer.wait()
+            with open(prefix + "-errors", encoding="utf-8", errors="replace") as f:
+                raise RuntimeError(f"strace did not attach to {pid}: {f.read().strip()}")
+        time.sleep(0.002)
+
+
+def _wait_for_tracer(fd: int) -> None:
+    """In the child: block until the parent says strace is attached (or gave up)."""
+    if os.read(fd, 1) != b"g":
+        os._exit(98)
+    os.close(fd)
+
+
 def run_case(entry: str, argv: Sequence[str], env: Mapping[str, str], *, cwd: str = "/",
-             netns: str | None = None, timeout: float = 10.0) -> Outcome:
+             netns: str | None = None, timeout: float = 10.0, trace: bool = False) -> Outcome:
     """Run one call of `entry` ("ifup", "ifdown", "vif" or "cli") in a forked child,
     in the caller's network namespace, a new empty one (`netns="new"`) or the one
-    at the path `netns` (/run/netns/NAME)."""
+    at the path `netns` (/run/netns/NAME). With `trace`, under strace (Outcome.opened)."""
     with tempfile.TemporaryDirectory(prefix="nh-case-") as scratch:
         out_path, err_path = os.path.join(scratch, "out"), os.path.join(scratch, "err")
         result_path = os.path.join(scratch, "result")
+        trace_prefix = os.path.join(scratch, "trace")
         sys.stdout.flush()
         sys.stderr.flush()
+        go_r, go_w = os.pipe() if trace else (-1, -1)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
+                if trace:
+                    os.close(go_w)
+                    _wait_for_tracer(go_r)
                 _child(entry, argv, env, cwd, netns, timeout, out_path, err_path, result_path)
             finally:
                 os._exit(99)
-        import time
+        tracer = None
+        if trace:
+            os.close(go_r)
+            try:
+                tracer = _attach(pid, trace_prefix)
+                os.write(go_w, b"g")
+            except BaseException:
+                os.close(go_w)  # the child reads end-of-file and exits without running
+                os.waitpid(pid, 0)
+                raise
+            os.close(go_w)
 
         deadline = time.monotonic() + timeout + 15
         while True:
@@ -323,6 +425,9 @@ def run_case(entry: str, argv: Sequence[str], env: Mapping[str, str], *, cwd: st
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+                if tracer is not None:
+                    tracer.kill()
+                    tracer.wait()
                 return Outcome(hung="the child did not finish and was killed")
             time.sleep(0.002)
         try:
@@ -336,6 +441,20 @@ def run_case(entry: str, argv: Sequence[str], env: Mapping[str, str], *, cwd: st
                     setattr(outcome, name, f.read())
             except OSError:
                 pass
+        if tracer is not None:
+            # strace ends when the last traced process does; one a script left running
+            # would keep it going, and is a failure of its own (stray processes).
+            try:
+                tracer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                tracer.wait()
+                outcome.hung = (outcome.hung or "") + "; a traced process outlived the call"
+            lines: list[str] = []
+            for path in sorted(glob.glob(glob.escape(trace_prefix) + ".*")):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    lines += f.readlines()
+            outcome.opened = parse_trace(lines)
         return outcome
 
 

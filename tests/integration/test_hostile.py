@@ -21,19 +21,28 @@ example gets a fresh sandbox directory whose files outside the state directory a
 compared before and after. One property runs in a test namespace with a real bridge
 and tap, through one warm runner process, and compares the namespace (links,
 addresses, rules, routes, proxies, bridge VLANs) before and after each call: exit 2
-changes nothing, exit 1 is rolled back, exit 0 is undone exactly by ifdown.
+changes nothing, exit 1 is rolled back, exit 0 is undone exactly by ifdown. Another
+(section 12) does the same in every mode - a Linux bridge and a veth tap, a real tap
+and a routing table with default routes, a private Open vSwitch - with the hostile
+values mixed with valid but odd ones (MTU 68, rule priority 1, the uplink as the tap,
+LINK=local...), so that they reach the kernel and OVSDB instead of stopping at "no
+such device". Files of the wrong kind are checked one by one, each with the exact
+outcome the code prescribes, under strace: every file the kernel opened, symlinks
+followed, so a read through a symlink out of its directory is seen.
 
 The figures: each property's example count is a constant below (N_*); `TRIED` counts
 the hook calls actually made, and the module prints the total at the end.
 
-The bugs these properties found are fixed; the tests at the end pin the worst of
-them (a journal naming files outside the state directory, undo writing outside
-/proc/sys, journal variables overriding PATH for the ifdown scripts).
+The bugs these properties found are fixed; the tests at the end pin the worst of them
+(a journal naming files outside the state directory, undo writing outside /proc/sys,
+journal variables overriding PATH for the ifdown scripts, lo taken for a tap).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,7 +52,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +62,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tests.integration import hostile_runner
 from tests.integration.hostile_runner import Outcome, preload, run_case
+from tests.integration.ovs_env import Switch
 from tests.nstools import Netns, require_root
 
 # -- budget ---------------------------------------------------------------------------
@@ -67,6 +79,7 @@ N_JOURNAL = 100      # corrupt journals and tap index entries, then ifdown/ifup/
 N_GANETI = 40        # hostile Ganeti KVM runtime files, then ifdown by tap
 N_XEN = 80          # hostile vif-ganeti argv, env, xenstore, xl domname, NIC files
 N_NETNS = 40         # real bridge and tap: hostile calls, namespace compared after each
+N_REAL = 30          # per mode (bridged, routed, OVS): values that reach plumbing on real devices
 
 # No shrinking: a failure is reported with the example as generated, and a failing run
 # stays bounded in time (shrinking re-runs hook calls hundreds of times).
@@ -76,6 +89,7 @@ COMMON = dict(deadline=None, derandomize=True, database=None,
                                      HealthCheck.filter_too_much])
 TRIED: collections.Counter[str] = collections.Counter()
 EXITS: collections.Counter[int | None] = collections.Counter()
+REAL_FIGURES: dict[str, dict[str, int]] = {}  # mode -> what the real-device examples did
 
 KEY = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 OTHER_KEY = "0f0e0d0c-0b0a-4908-8706-050403020100"
@@ -326,6 +340,9 @@ def marks(request: pytest.FixtureRequest) -> Iterator[None]:
         with capture.global_and_fixture_disabled():
             reporter.write_line(f"\nhostile inputs tried: {sum(TRIED.values())} hook calls "
                                 f"({detail}); {exits}")
+            for mode, figures in sorted(REAL_FIGURES.items()):
+                reporter.write_line(f"real devices, {mode}: " + ", ".join(
+                    f"{what} {n}" for what, n in sorted(figures.items())))
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +355,8 @@ def base_dir() -> Iterator[Path]:
 class Sandbox:
     """A context manager: a fresh Box, and the checks that hold for every call."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, runner: NetnsRunner | None = None) -> None:
+        self.runner = runner  # calls go to this warm runner in a test namespace, if given
         self.box = Box(Path(tempfile.mkdtemp(dir=base)))
         for d in ("state", "conf", "ganeti", "outside", "cwd", "xs"):
             (self.box.root / d).mkdir()
@@ -364,11 +382,15 @@ class Sandbox:
         return Path(os.path.realpath(value)) if value.startswith("/") else self.box.state
 
     def call(self, entry: str, argv: list[str], env: Mapping[str, str], *,
-             timeout: float = 10.0) -> Outcome:
-        TRIED[entry] += 1
-        outcome = run_case(entry, argv, env, cwd=str(self.box.root / "cwd"), netns=SCRATCH_NETNS[0],
-                           timeout=timeout)
-        EXITS[outcome.rc] += 1
+             timeout: float = 10.0, trace: bool = False) -> Outcome:
+        if self.runner is not None:
+            assert not trace, "the namespace runner does not trace"
+            outcome = self.runner.call(entry, argv, env, self.box.root / "cwd")
+        else:
+            TRIED[entry] += 1
+            outcome = run_case(entry, argv, env, cwd=str(self.box.root / "cwd"),
+                               netns=SCRATCH_NETNS[0], timeout=timeout, trace=trace)
+            EXITS[outcome.rc] += 1
         self.check(outcome, env)
         return outcome
 
@@ -1027,13 +1049,398 @@ def test_hostile_calls_on_a_real_bridge(plumbed: NetnsRunner, base_dir: Path, ki
         shutil.rmtree(box.root, ignore_errors=True)
 
 
+# -- 12. hostile values that reach plumbing: real devices in every mode ------------------------------
+# The properties above run where no device exists, so every value that passes validation
+# stops at "no such device". Here a share of the same hostile values, mixed with valid but
+# odd ones (an MTU of 68, rule priority 1, the uplink as the tap, LINK=local, the bridge's
+# own MAC...), goes to real devices: a bridge and a veth "tap", a tap and a routing table
+# with default routes behind a veth uplink, a private Open vSwitch with a veth port. After
+# every call the namespace (links, addresses, rules, routes, proxies, bridge VLANs, the
+# sysctls a hook may set, and for OVS its ports, interfaces and flows) is compared with
+# the snapshot taken when it was built: exit 1 or 2 leaves it as it was, exit 0 is undone
+# exactly by ifdown, and no journal stays.
+REAL_TAP = "tap0"
+REAL_MODES = ("bridged", "routed", "openvswitch")
+TAP_MAC = "aa:00:00:99:88:77"
+
+# A failure at (fail-at), or right after (fail-after), step N, or step N undone behind the
+# hook's back before the read-back (drift): rollback on real devices. Knobs a hook does not
+# know are ignored.
+FAULTS = [f"{kind}:{n}" for kind in ("fail-at", "fail-after", "drift") for n in range(1, 6)]
+REAL_COMMON: dict[str, list[str]] = {
+    "MAC": ["fe:ff:ff:ff:ff:fe", "02:00:00:00:00:01", TAP_MAC, "00:00:00:00:00:01", "AA:00:00:11:22:33"],
+    "MIGRATION_PHASE": ["pre", "post"],
+    "NICHOOKS_TEST_FAULT": FAULTS,
+    "NICHOOKS_LOCK_TIMEOUT": ["0.001", "1e-3", "3600"],
+    "INTERFACE_UUID": [KEY.upper(), OTHER_KEY],
+    "INSTANCE": ["x", "web--incoming", "a" * 63 + ".example.org"],
+    "TAGS": ["", "a b c", "x" * 100],
+}
+REAL_VALUES: dict[str, dict[str, list[str]]] = {
+    "bridged": {
+        "LINK": ["br0", "brv", "brv", "br1", REAL_TAP, "tap0p", "lo", "up0", "nhxnone0"],
+        "INTERFACE": [REAL_TAP, "tap0p", "br0", "lo", "up0"],
+        "VLAN": [".1", ".4094", ":1:4094", ".100:200:300", ":7", ".5:5"],
+        "BRIDGE": ["br1", "brv"],
+    },
+    "routed": {
+        "LINK": ["100", "nhxtable", "nhxhex", "main", "local", "default", "254", "255", "4294967295"],
+        "INTERFACE": [REAL_TAP, "up1", "up0", "lo"],
+        "IP": ["198.51.100.2", "198.51.100.1", "198.51.100.255", "198.51.100.99", "203.0.113.7",
+               "2001:db8:100::50", "2001:db8:100::2", "10.0.0.1"],
+        "NETWORK_SUBNET6": ["2001:db8:100::/64", "2001:db8::/48", "2001:db8:100::/128", ""],
+        "NETWORK_GATEWAY6": ["2001:db8:100::1", "2001:db8:100::2", "fe80::1", ""],
+        "NICHOOKS_RULE_PRIORITY": ["1", "32765", "10000", "20000"],
+        "NICHOOKS_ROUTE_PROTO": ["5", "255", "186", "241"],
+        "NICHOOKS_UPLINK4": ["up0", "up1", REAL_TAP, "lo", "nhxnone0"],
+        "NICHOOKS_UPLINK6": ["up0", "up1", REAL_TAP, "lo", "nhxnone0"],
+        "NICHOOKS_MANAGE_SYSCTLS": ["yes", "no"],
+        "NICHOOKS_ANNOUNCE": ["yes", "no"],
+        "NICHOOKS_TEST_FAULT": FAULTS + [f"fail-at:{n}" for n in range(6, 14)],
+    },
+    "openvswitch": {
+        "NICHOOKS_OVS_MTU": ["68", "576", "1280", "9000", "65535"],
+        "VLAN": [".1", ".4094", ":1:4094", ".100:200", ":7"],
+        "LINK": ["br0", "lbr0", REAL_TAP, "tap0p", "lo", "nhxnone0"],
+        "INTERFACE": [REAL_TAP, "tap0p", "br0", "lbr0"],
+        "NICHOOKS_OVS_ANTISPOOF": ["on", "mac", "off"],
+        "IP": ["192.0.2.255", "2001:db8::1", "0.0.0.1", "198.51.100.7"],
+        "NETWORK_SUBNET6": ["2001:db8::/64", "2001:db8::/56"],
+        "NICHOOKS_OVS_TIMEOUT": ["1", "3600"],
+    },
+}
+# Where an empty value means the default, and the default is the machine's own (its
+# state directory, its Open vSwitch...): never empty here.
+NEVER_EMPTY = ("NICHOOKS_STATE_DIR", "NICHOOKS_CONF_DIR", "NICHOOKS_OVSDB", "OVS_RUNDIR",
+               "GANETI_RUN_DIR", "NICHOOKS_IPROUTE2_DIR")
+
+
+def _merged(*parts: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def real_env_changes(mode: str) -> st.SearchStrategy[dict[str, str]]:
+    """One to three of the variables and settings that reach this mode's plumbing, with
+    valid but odd values; in about one example of three a fault injected at a step; in
+    about one of two, one more variable or setting of ENV_NAMES with any hostile value
+    (which may replace an odd one)."""
+    odd = {**REAL_COMMON, **REAL_VALUES[mode]}
+    odd_changes = st.lists(st.sampled_from(sorted(odd)), min_size=1, max_size=3, unique=True).flatmap(
+        lambda chosen: st.fixed_dictionaries({n: st.sampled_from(odd[n]) for n in chosen}))
+    fault = st.one_of(st.just({}), st.just({}), st.fixed_dictionaries(
+        {"NICHOOKS_TEST_FAULT": st.sampled_from(odd["NICHOOKS_TEST_FAULT"])}))
+    names = tuple(n for n in ENV_NAMES if n not in NEVER_EMPTY)
+    hostile = st.one_of(st.just({}), st.just({}), hostile_env_changes(names, max_size=1),
+                        hostile_env_changes(NEVER_EMPTY, max_size=1).filter(lambda c: all(c.values())))
+    return st.builds(_merged, odd_changes, fault, hostile)
+
+
+def _veth(ns: Netns, name: str, peer: str) -> None:
+    ns.ip("link", "add", name, "type", "veth", "peer", "name", peer)
+
+
+class RealSite:
+    """One mode's namespace with real devices, a warm runner inside it, and what is
+    compared before and after each call."""
+
+    def __init__(self, mode: str, ns: Netns, root: Path, switch: Switch | None = None) -> None:
+        self.mode, self.ns, self.switch = mode, ns, switch
+        self.runner = NetnsRunner(ns, root)
+        # Every example is compared with this, not with a snapshot of its own: one that
+        # left something behind fails again when hypothesis replays it, instead of
+        # passing on the namespace it changed.
+        self.baseline = self.snapshot()
+
+    def base_env(self, box: Box) -> dict[str, str]:
+        nic = {"INSTANCE": "vm1.example.org", "MAC": "aa:00:00:11:22:33", "MODE": self.mode,
+               "INTERFACE": REAL_TAP, "INTERFACE_INDEX": "0", "INTERFACE_UUID": KEY, "TAGS": "web",
+               "VLAN": "", "LINK": "br0"}
+        if self.mode == "routed":
+            box.write("iproute2/rt_tables", "100\tnhxtable\n0x65\tnhxhex\n")
+            nic.update(LINK="100", IP="198.51.100.50", NETWORK_SUBNET6="2001:db8:100::/64",
+                       NETWORK_GATEWAY6="2001:db8:100::1")
+        if self.switch is not None:
+            nic.update(IP="192.0.2.10", NICHOOKS_OVSDB=self.switch.db, OVS_RUNDIR=str(self.switch.dir),
+                       NICHOOKS_OVS_TIMEOUT="10")
+        return box.env(**nic)
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.ns.snapshot()
+        keys = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.all.proxy_ndp"]
+        for link in snap["links"]:
+            name = link["ifname"]
+            keys += [f"net.ipv4.conf.{name}.proxy_arp", f"net.ipv4.conf.{name}.forwarding",
+                     f"net.ipv6.conf.{name}.forwarding", f"net.ipv6.conf.{name}.proxy_ndp",
+                     f"net.ipv6.conf.{name}.accept_ra"]
+        sysctls = self.ns.run("sysctl", "-e", *keys, check=False).stdout.splitlines()
+        assert len(sysctls) >= 3, "sysctl read nothing"
+        snap["sysctls"] = sorted(sysctls)
+        if self.switch is not None:
+            snap["ovs"] = self._ovs()
+        return snap
+
+    def _ovs(self) -> dict[str, Any]:
+        """Ports, interfaces and flows, read with ovs-vsctl and ovs-ofctl."""
+        assert self.switch is not None
+
+        def rows(table: str, columns: str) -> list[str]:
+            assert self.switch is not None
+            data = json.loads(self.switch.vsctl("--format=json", f"--columns={columns}", "list", table))
+            return sorted(json.dumps(row, sort_keys=True) for row in data["data"])
+
+        return {"ports": rows("Port", "name,tag,trunks,vlan_mode,external_ids"),
+                "interfaces": rows("Interface", "name,type,mtu_request,external_ids"),
+                "flows": sorted(self.switch.flows("br0"))}
+
+    def assert_unchanged(self, before: dict[str, Any], message: str) -> None:
+        """Equal to `before`; polled for a while where a daemon applies changes after the
+        call returned (ovs-vswitchd), at once on the kernel alone."""
+        deadline = time.monotonic() + (15 if self.switch is not None else 3)
+        while True:
+            now = self.snapshot()
+            if now == before:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{message}\n{_snapshot_diff(before, now)}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _snapshot_diff(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What changed, part by part: for a list, the entries gone and the entries new."""
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            out.append(f"{key}: {_snapshot_diff(old, new)}")
+        elif isinstance(old, list) and isinstance(new, list):
+            dumped_old = [json.dumps(x, sort_keys=True) for x in old]
+            dumped_new = [json.dumps(x, sort_keys=True) for x in new]
+            out.append(f"{key}: gone {[x for x in dumped_old if x not in dumped_new]}, "
+                       f"new {[x for x in dumped_new if x not in dumped_old]}")
+        else:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return "; ".join(out)
+
+
+@contextlib.contextmanager
+def _site(mode: str, build: Callable[[Netns, Path], Switch | None]) -> Iterator[RealSite]:
+    require_root()
+    ns = Netns()
+    root = Path(tempfile.mkdtemp(prefix=f"nh-hostile-{mode}-"))
+    switch = None
+    try:
+        switch = build(ns, root)
+        site = RealSite(mode, ns, root, switch)
+        try:
+            yield site
+        finally:
+            site.close()
+    finally:
+        if switch is not None:
+            switch.stop()
+        ns.delete()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _build_bridged(ns: Netns, root: Path) -> None:
+    """br0 (MTU 1400, up, an address), brv (MTU 9000, up, VLAN filtering where the kernel
+    has it: this one's has not, DESIGN §5), br1 (MTU 576, down); the veth tap0 (peer
+    tap0p, up); up0, a plain device. Bridges get fixed MACs: one without takes its
+    lowest port's, and falls back when the port leaves."""
+    for name, mac, mtu in (("br0", "02:00:00:00:00:01", "1400"), ("brv", "02:00:00:00:00:03", "9000"),
+                           ("br1", "02:00:00:00:00:02", "576")):
+        if name == "brv":
+            ns.ip("link", "add", name, "type", "bridge", "vlan_filtering", "1", check=False)
+        if not ns.has_link(name):
+            ns.ip("link", "add", name, "type", "bridge")
+        ns.ip("link", "set", name, "address", mac, "mtu", mtu)
+    ns.ip("link", "set", "br0", "up")
+    ns.ip("link", "set", "brv", "up")
+    ns.ip("addr", "add", "192.0.2.1/24", "dev", "br0")
+    _veth(ns, REAL_TAP, "tap0p")
+    ns.ip("link", "set", REAL_TAP, "address", TAP_MAC)
+    ns.ip("link", "set", "tap0p", "up")
+    _veth(ns, "up0", "up0p")
+    ns.ip("link", "set", "up0", "up")
+
+
+def _build_routed(ns: Netns, root: Path) -> None:
+    """A real tap (tap0); the uplink up0 (veth, up, addresses, the default routes in main
+    and table 100) and a second one, up1; the operator's rule for traffic from the uplink
+    (priority 10000) and a host route of his in table 100. A ready routed host: forwarding
+    on, proxy_ndp on, so no shared sysctl is missing (those are set, never undone)."""
+    ns.ip("tuntap", "add", "dev", REAL_TAP, "mode", "tap")
+    ns.ip("link", "set", REAL_TAP, "address", TAP_MAC)
+    for up, addr in (("up0", "198.51.100.2/24"), ("up1", "203.0.113.2/24")):
+        _veth(ns, up, up + "p")
+        ns.ip("addr", "add", addr, "dev", up)
+        ns.ip("link", "set", up + "p", "up")
+        ns.ip("link", "set", up, "up")
+    ns.ip("link", "set", "up0", "address", "02:00:00:00:01:02")
+    ns.ip("-6", "addr", "add", "2001:db8:100::2/64", "dev", "up0", "nodad")
+    for table in ("main", "100"):
+        ns.ip("route", "add", "default", "via", "198.51.100.1", "dev", "up0", "table", table)
+        ns.ip("-6", "route", "add", "default", "via", "2001:db8:100::1", "dev", "up0", "table", table)
+    ns.ip("rule", "add", "iif", "up0", "lookup", "100", "priority", "10000")
+    ns.ip("route", "add", "198.51.100.99", "dev", "up1", "table", "100")
+    ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+           "net.ipv6.conf.all.proxy_ndp=1", "net.ipv6.conf.up0.accept_ra=0")
+
+
+def _build_openvswitch(ns: Netns, root: Path) -> Switch:
+    """A private ovsdb-server and ovs-vswitchd in the namespace, OVS bridge br0 (its MTU
+    pinned, as an operator's is: otherwise OVS lowers it to its smallest port's), the
+    veth tap0 (peer tap0p, up) and a Linux bridge lbr0."""
+    if shutil.which("ovs-vswitchd") is None:
+        pytest.skip("Open vSwitch is not installed")
+    switch = Switch(ns, root)
+    try:
+        switch.start()
+        switch.add_bridge("br0")
+        switch.vsctl("set", "Interface", "br0", "mtu_request=1500")
+        _veth(ns, REAL_TAP, "tap0p")
+        ns.ip("link", "set", REAL_TAP, "address", TAP_MAC)
+        ns.ip("link", "set", "tap0p", "up")
+        ns.ip("link", "add", "lbr0", "type", "bridge")
+    except BaseException:
+        switch.stop()
+        raise
+    return switch
+
+
+@pytest.fixture(scope="module")
+def real_bridged() -> Iterator[RealSite]:
+    with _site("bridged", _build_bridged) as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def real_routed() -> Iterator[RealSite]:
+    with _site("routed", _build_routed) as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def real_openvswitch() -> Iterator[RealSite]:
+    with _site("openvswitch", _build_openvswitch) as site:
+        yield site
+
+
+def _journaled(state: Path) -> list[str]:
+    """Journals and tap index entries under `state`; none where no directory can be (a
+    state directory setting the hook refused: too long, not a directory)."""
+    try:
+        return journals(state) + tap_index(state)
+    except OSError:
+        return []
+
+
+def _real_example(site: RealSite, base_dir: Path, changes: dict[str, str],
+                  counts: collections.Counter[str]) -> None:
+    sandbox = Sandbox(base_dir, runner=site.runner)
+    with sandbox as box:
+        changes = {k: box.fill(v) for k, v in changes.items()}
+        env = {**site.base_env(box), **changes}
+        where = f"\n{site.mode}: {changes!r}"
+        sandbox.seal(env)
+        state = sandbox.state_dir(env)
+        before = site.baseline
+        # The Sandbox checks every call: exit 0, 1 or 2; one `nichooks: ` line for 1 and
+        # 2, warnings only for 0; no traceback, no shell, nothing written outside the
+        # state directory (and /proc/sys/net), nothing changed in the box around it.
+        up = sandbox.call("ifup", ["kvm-ifup", REAL_TAP], env)
+        where += f"\nifup: exit {up.rc}, stderr {up.stderr!r}"
+        if up.rc == 0:
+            plugged = site.snapshot() != before
+            down = sandbox.call("ifdown", ["kvm-ifdown", REAL_TAP], env)
+            assert (down.rc, down.stderr) == (0, ""), f"ifdown: {down.rc} {down.stderr!r}" + where
+            assert _journaled(state) == [], f"ifdown left {_journaled(state)}" + where
+            site.assert_unchanged(before, "ifdown did not restore the namespace" + where)
+            counts["plugged and undone" if plugged else "exit 0, nothing plugged"] += 1
+        else:
+            assert _journaled(state) == [], f"a failed ifup left {_journaled(state)}" + where
+            site.assert_unchanged(before, f"ifup exited {up.rc} and changed the namespace" + where)
+            line = up.error_lines()[0]
+            step = re.search(r": step ([^:]+):", line)
+            counts[f"exit {up.rc}" + (" after a change, rolled back" if step and step.group(1) not in
+                                      ("preflight", "lock") else "")] += 1
+
+
+@pytest.mark.parametrize("mode", REAL_MODES)
+def test_hostile_environment_on_real_devices(request: pytest.FixtureRequest, base_dir: Path,
+                                             mode: str) -> None:
+    """Hostile and odd values for the variables and settings that reach plumbing, on
+    real devices in `mode`: the call's own properties as everywhere, plus the namespace
+    as it was after exit 1 or 2, and restored by ifdown after exit 0, with no journal."""
+    site: RealSite = request.getfixturevalue(f"real_{mode}")
+    counts: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=N_REAL, **COMMON)
+    @given(changes=real_env_changes(mode))
+    def examples(changes: dict[str, str]) -> None:
+        _real_example(site, base_dir, changes, counts)
+
+    examples()
+    REAL_FIGURES[mode] = dict(counts)
+    # Not vacuous: values did reach plumbing, which was undone or rolled back.
+    assert counts["plugged and undone"] >= N_REAL // 6, counts
+    assert counts["exit 1 after a change, rolled back"] >= 2, counts
+
+
+def test_loopback_is_not_taken_for_a_tap(real_bridged: RealSite, base_dir: Path) -> None:
+    """INTERFACE=lo: refused before any change. Taken for a tap, it got our MAC, and its
+    all-zero MAC could never be restored (EADDRNOTAVAIL, which undo took for 'gone')."""
+    counts: collections.Counter[str] = collections.Counter()
+    _real_example(real_bridged, base_dir, {"INTERFACE": "lo"}, counts)
+    assert counts == collections.Counter({"exit 1": 1}), counts
+
+
 # -- files of the wrong kind ------------------------------------------------------------------------
-def _make(kind: str, path: Path, box: Box) -> None:
+FILE_KINDS = ["directory", "fifo", "loop", "dangling", "outside", "big", "empty"]
+WRONG_KIND_TARGETS = ("spec", "conf", "journal", "tap-index", "xen-nic", "rt_tables", "ifup.d",
+                      "ifdown.d")
+BIG = 2 << 20  # 2 MiB: above every cap but the journal's (4 MiB)
+
+
+def _padded(head: str, filler: bytes = b"#") -> bytes:
+    """`head`, then a comment (or blanks) up to 2 MiB: content that would be read as valid
+    if a size cap were missing, so that a missing cap changes the outcome."""
+    data = head.encode()
+    return data + filler * (BIG - len(data) - 1) + b"\n"
+
+
+def _big_content(target: str) -> bytes:
+    if target == "spec":  # a whole NIC description, then a 2 MiB comment line
+        return _padded("\n".join(SPEC_BASE) + "\n")
+    if target == "xen-nic":
+        return _padded(XEN_NIC_FILE)
+    if target == "conf":
+        return _padded("[nichooks]\nNICHOOKS_LOCK_TIMEOUT = 5\n")
+    if target == "journal":  # a valid journal: 2 MiB is within the journal's 4 MiB cap
+        return _padded(json.dumps(_journal(mode="ext", records=[])), b" ")
+    if target == "tap-index":
+        return _padded(KEY, b" ")
+    if target == "rt_tables":  # names the table LINK asks for, were it read
+        return _padded("100\tnhxtable\n")
+    return b"A" * BIG
+
+
+def _make(kind: str, path: Path, box: Box, target: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o755)  # whatever the umask: trusted, as root's own directories are
     if kind == "directory":
-        path.mkdir()
+        path.mkdir(mode=0o755)
+        path.chmod(0o755)
     elif kind == "fifo":
-        os.mkfifo(path)
+        os.mkfifo(path, 0o644)
     elif kind == "loop":
         os.symlink(path.name, path)
     elif kind == "dangling":
@@ -1041,27 +1448,162 @@ def _make(kind: str, path: Path, box: Box) -> None:
     elif kind == "outside":
         os.symlink(box.root / "outside" / "victim", path)
     elif kind == "big":
-        path.write_bytes(b"A" * (2 << 20))
+        path.write_bytes(_big_content(target))
     elif kind == "empty":
         path.write_bytes(b"")
 
 
-FILE_KINDS = ["directory", "fifo", "loop", "dangling", "outside", "big", "empty"]
+def _untrusted_on_the_way(path: Path) -> Path | None:
+    """The first directory on the way from / to `path` that someone other than root owns
+    or may write (a sticky /tmp too), found here from lstat: a script walk that follows
+    a symlink to an absolute path under `path` passes through it."""
+    current = Path("/")
+    for part in Path(os.path.abspath(path)).parts:
+        current = current / part
+        info = os.lstat(current)
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            return current
+    return None
+
+
+@dataclass
+class WrongKind:
+    """What one call must do when one file it reads is of the wrong kind."""
+
+    rc: int
+    lines: list[str]             # regular expressions, one per stderr line, matched in full
+    after: str                   # what the state directory holds afterwards (_check_after)
+    reads_victim: bool = False   # whether it reads outside/victim through the symlink
+
+
+def _exact(*lines: str) -> list[str]:
+    return [re.escape(line) for line in lines]
+
+
+def _expected_wrong_kind(target: str, kind: str, box: Box, path: Path) -> WrongKind:
+    """Read off the code (safefile.read_regular, settings._read_conf,
+    shellvars.read_assignments, Store.load / tap_owner / claim_tap, routed.resolve_table,
+    custom._walk), not recorded from a run."""
+    eloop = os.strerror(errno.ELOOP)
+    label = f"vm1.example.org {TAP} ({KEY})"
+    outside = kind == "outside"
+    if target in ("spec", "xen-nic"):
+        not_regular = _exact(f"nichooks: {path}: is not a regular file: not a NIC description")
+        no_file = (_exact(f"nichooks: MODE: is not set and there is no spec file {path}") if target == "spec"
+                   else _exact("nichooks: step xen: no NIC file, and xenstore backend/vif/5/0 has neither "
+                               "bridge nor ip"))  # xenstore describes the NIC: a MAC only, here
+        empty = (_exact("nichooks: MODE: is not set (one of: bridged, openvswitch, routed, ext)")
+                 if target == "spec" else _exact(f"nichooks: {path}: sets no MODE (not a NIC file Ganeti "
+                                                  "wrote)"))
+        lines = {"directory": not_regular, "fifo": not_regular,
+                 "loop": _exact(f"nichooks: {path}: cannot be read: {eloop}"),
+                 "dangling": no_file,
+                 "outside": _exact(f"nichooks: {path}:1: '{KEY}' is not an assignment: bash would run it "
+                                   "as a command"),
+                 "big": _exact(f"nichooks: {path}: is larger than {64 * 1024} bytes: not a NIC description"),
+                 "empty": empty}[kind]
+        rc = 1 if (target, kind) == ("xen-nic", "dangling") else 2
+        return WrongKind(rc, lines, "unchanged", reads_victim=outside)
+    if target == "conf":
+        # Not a regular file, or none at all: no settings file (a FIFO must not block);
+        # the call then fails where the bridge does not exist, as without one.
+        if kind in ("directory", "fifo", "dangling", "empty"):
+            return WrongKind(1, _exact(f"nichooks: {label}: step preflight: LINK {BRIDGE}: no such device"),
+                             "nothing journaled")
+        return WrongKind(2, {
+            "loop": _exact(f"nichooks: {path}: cannot be read: {eloop}"),
+            "outside": _exact(f"nichooks: {path}: unreadable settings file: File contains no section "
+                              "headers."),
+            "big": _exact(f"nichooks: {path}: cannot be read: is larger than {1 << 20} bytes")}[kind],
+            "unchanged", reads_victim=outside)
+    if target == "journal":
+        # Unreadable: moved to corrupt/ as it is, and the NIC plugged afresh. No file
+        # (dangling): the new journal replaces the link. 2 MiB is within the 4 MiB cap:
+        # loaded, converged (nothing to undo), replaced.
+        quarantined = kind in ("directory", "fifo", "loop", "outside", "empty")
+        return WrongKind(0, [], "plugged, quarantined" if quarantined else "plugged", reads_victim=outside)
+    if target == "tap-index":
+        if kind == "directory":  # the entry cannot be renamed over a directory
+            return WrongKind(1, _exact(f"nichooks: {path} is a directory nichooks did not make; remove it"),
+                             "not checked")
+        # Not a file of ours (or, through the outside link, naming this very NIC): the
+        # entry is replaced by ours.
+        return WrongKind(0, [], "plugged", reads_victim=outside)
+    if target == "rt_tables":
+        # Too big, not a file, or not naming it: the table is not found, before any change.
+        return WrongKind(1, _exact(f"nichooks: {label}: step preflight: routing table 'nhxtable' (LINK) is "
+                                   f"not named in {path.parent}/rt_tables or rt_tables.d/*.conf"),
+                         "nothing journaled", reads_victim=outside)
+    # The script directories (custom._walk, one component at a time): refused when not a
+    # directory, when a symlink loops, or when a symlink leads through a directory someone
+    # else may write; a symlink to nothing means no scripts. Never read through a link.
+    untrusted = _untrusted_on_the_way(box.root)
+    cause: str | None
+    if kind == "directory":
+        cause = None
+    elif kind in ("fifo", "big", "empty"):
+        cause = re.escape("refusing to run scripts: not a directory")
+    elif kind == "loop":
+        cause = re.escape(f"refusing to run scripts: {eloop}")
+    elif untrusted is not None:  # dangling, outside: through /tmp (or wherever the box is)
+        cause = re.escape(f"refusing to run scripts: {untrusted} is ") + ".+"
+    else:
+        cause = re.escape("refusing to run scripts: not a directory") if outside else None
+    if target == "ifup.d":  # a refusal fails the ifup, which is rolled back
+        if cause is None:
+            return WrongKind(0, [], "plugged")
+        return WrongKind(1, [re.escape(f"nichooks: {label}: step custom script: custom script failed: ")
+                             + cause], "nothing journaled")
+    # ifdown.d: the journal is undone first; a refusal is then a warning, not a failure
+    return WrongKind(0, [] if cause is None else [re.escape(f"nichooks: warning: {TAP}: custom script: ")
+                                                  + cause], "nothing journaled")
+
+
+def _check_after(expect: WrongKind, box: Box, before: dict[str, tuple[Any, ...]], kind: str,
+                 planted: tuple[Any, ...] | None) -> None:
+    """The state directory afterwards, read here with plain file reads."""
+    state = box.state
+    if expect.after == "unchanged":  # invalid input changes nothing, not even the state dir
+        assert _tree(state, ()) == before, "the state directory changed"
+    elif expect.after == "nothing journaled":
+        assert journals(state) == [] and tap_index(state) == [], (journals(state), tap_index(state))
+    elif expect.after.startswith("plugged"):
+        journal_path = state / "nics" / f"{KEY}.json"
+        assert stat.S_ISREG(os.lstat(journal_path).st_mode), "no journal file"
+        data = json.loads(journal_path.read_text())
+        assert (data["key"], data["tap"], data["mode"], data["state"]) == (KEY, TAP, "ext", "applied"), data
+        entry = state / "taps" / TAP
+        assert stat.S_ISREG(os.lstat(entry).st_mode) and entry.read_text() == KEY
+        corrupt = sorted(os.listdir(state / "corrupt")) if (state / "corrupt").exists() else []
+        if expect.after == "plugged, quarantined":  # moved as it was: same kind, same target
+            assert len(corrupt) == 1 and re.fullmatch(re.escape(f"{KEY}.json.") + "[0-9]+", corrupt[0]), \
+                corrupt
+            moved = os.lstat(state / "corrupt" / corrupt[0])
+            link = os.readlink(state / "corrupt" / corrupt[0]) if stat.S_ISLNK(moved.st_mode) else None
+            assert (stat.S_IFMT(moved.st_mode), link) == planted, f"{kind} quarantined as {moved}"
+        else:
+            assert corrupt == [], corrupt
+
+
 def _wrong_kind_params() -> list[Any]:
-    params = []
-    for target in ("spec", "conf", "journal", "tap-index", "xen-nic", "rt_tables", "ifup.d",
-                   "ifdown.d"):
-        for kind in FILE_KINDS:
-            params.append(pytest.param(target, kind, id=f"{target}-{kind}"))
-    return params
+    return [pytest.param(target, kind, id=f"{target}-{kind}")
+            for target in WRONG_KIND_TARGETS for kind in FILE_KINDS]
 
 
 @pytest.mark.parametrize(("target", "kind"), _wrong_kind_params())
 def test_files_of_the_wrong_kind(base_dir: Path, target: str, kind: str) -> None:
     """Every file a hook reads, replaced by a directory, a FIFO, a symlink loop, a
-    dangling symlink, a symlink out of its directory, 2 MiB of junk or nothing."""
+    dangling symlink, a symlink out of its directory, 2 MiB or nothing: the exact exit
+    status and error line each must give (or the exact success), what the state
+    directory holds afterwards, and every file read or written, as strace saw the
+    kernel open it: a read through the symlink out must be there when the code
+    follows it, and no other read outside the directories the call reads."""
+    if hostile_runner.strace_path() is None:
+        pytest.fail("strace is needed to see what a hook opens: install the Debian package strace")
     sandbox = Sandbox(base_dir)
     with sandbox as box:
+        victim = box.root / "outside" / "victim"
+        victim.chmod(0o644)  # trusted, whatever the umask: a settings file there is read
         env = box.nic_env()
         argv, entry = ["kvm-ifup"], "ifup"
         if target == "spec":
@@ -1076,12 +1618,14 @@ def test_files_of_the_wrong_kind(base_dir: Path, target: str, kind: str) -> None
         elif target == "tap-index":
             path = box.state / "taps" / TAP
             env = box.nic_env("ext")
-            (box.state / "taps").rmdir()
         elif target == "ifup.d":
             path = box.conf / "ifup.d"
             env = box.nic_env("ext")
         elif target == "ifdown.d":
+            # a plug to undo, so that ifdown goes on to its scripts
             path = box.conf / "ifdown.d"
+            box.write(f"state/nics/{KEY}.json", json.dumps(_journal(mode="ext", records=[])))
+            box.write(f"state/taps/{TAP}", KEY)
             argv, entry = ["kvm-ifdown", TAP], "ifdown"
         elif target == "rt_tables":
             path = box.root / "iproute2" / "rt_tables"
@@ -1093,11 +1637,40 @@ def test_files_of_the_wrong_kind(base_dir: Path, target: str, kind: str) -> None
             env = box.env(vif="vif5.0", XENBUS_PATH="backend/vif/5/0", XENSTORE_DIR=str(box.xs),
                           PATH=f"{STANDINS}:/usr/sbin:/usr/bin:/sbin:/bin")
             argv, entry = ["vif-ganeti", "online", "type_if=vif"], "vif"
-        _make(kind, path, box)
+        _make(kind, path, box, target)
+        planted_info = os.lstat(path)
+        planted = (stat.S_IFMT(planted_info.st_mode),
+                   os.readlink(path) if stat.S_ISLNK(planted_info.st_mode) else None)
+        expect = _expected_wrong_kind(target, kind, box, path)
         owned = [box.xs / "backend/vif/5/0/hotplug-status", box.xs / "backend/vif/5/0/hotplug-error"]
         sandbox.seal(env, *owned)
-        outcome = sandbox.call(entry, argv, env, timeout=1 if kind == "fifo" else 5)
-        assert outcome.rc in (0, 1, 2)
+        state_before = _tree(box.state, ())
+        outcome = sandbox.call(entry, argv, env, timeout=5 if kind == "fifo" else 10, trace=True)
+        where = f"\n{target} {kind}: rc {outcome.rc}, stderr {outcome.stderr!r}"
+
+        assert outcome.rc == expect.rc, f"exit status {outcome.rc}, expected {expect.rc}" + where
+        lines = outcome.error_lines()
+        assert len(lines) == len(expect.lines) and all(
+            re.fullmatch(want, line) for want, line in zip(expect.lines, lines, strict=True)), \
+            f"stderr lines {lines!r}, expected to match {expect.lines!r}" + where
+        _check_after(expect, box, state_before, kind, planted)
+        if entry == "vif" and outcome.rc != 0:  # libxl is told why, as Xen's own scripts do
+            assert (box.xs / "backend/vif/5/0/hotplug-status").read_text() == "error", where
+            assert (box.xs / "backend/vif/5/0/hotplug-error").read_text() == \
+                lines[0].removeprefix("nichooks: "), where
+
+        # What the kernel opened, followed symlinks resolved: reads outside the places
+        # this call reads from are exactly the one through the outside link, if the code
+        # follows it; writes only in the state directory and the owned xenstore keys.
+        readable = [box.state, box.conf, box.ganeti, box.xs, box.root / "iproute2"]
+        reads = [p for p in outcome.opened_under(str(box.root), "read")
+                 if not any(p == str(d) or p.startswith(f"{d}/") for d in readable)]
+        assert reads == ([str(victim)] if expect.reads_victim else []), \
+            f"read outside what it reads: {reads}" + where
+        writes = [p for p in outcome.opened_under(str(box.root), "write")
+                  if not (p.startswith(f"{box.state}/") or p in map(str, owned))]
+        assert writes == [], f"opened for writing outside the state directory: {writes}" + where
+        assert victim.read_text() == KEY, where
 
 
 # -- known bugs in modules this property's author could not change -------------------------------------
