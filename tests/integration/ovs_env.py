@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.integration import packets as pk
+from tests.integration.frames import CONTROL_ETHERTYPE, Listener, new_token
 from tests.nstools import Netns, bin_path, hook_env, wait_for
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
@@ -231,21 +233,49 @@ def send_frames(guest: Guest, frames: list[bytes]) -> None:
     guest.run(sys.executable, FRAMES, "send", "eth0", *(f.hex() for f in frames), check=True)
 
 
-class Capture:
-    """Frames received on a guest's eth0, by a process started before the traffic."""
+def control_frame(guest: Guest, dst: str = pk.BROADCAST, vid: int | None = None
+                  ) -> tuple[bytes, bytes]:
+    """(frame, token): a frame the guest's port lets through (its own MAC and IPv4
+    address, plain UDP; tagged `vid` for a trunk) carrying a fresh token. Sent after
+    the frames under test on the same port, it leaves the switch after them: once a
+    capture has it, the switch has dealt with everything before it."""
+    token = new_token()
+    src_ip = guest.ip4 or "192.0.2.1"  # a guest without addresses may use any
+    frame = pk.ethernet(dst, guest.mac, 0x0800, pk.udp4(src_ip, "255.255.255.255", 9, 9, token),
+                        vid=vid)
+    return frame, token
 
-    def __init__(self, guest: Guest, seconds: float = 3.0) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", guest.ns.name, sys.executable, FRAMES, "capture", "eth0",
-             str(seconds)], stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
 
-    def frames(self) -> list[tuple[int | None, bytes]]:
-        """(VLAN id or None, frame without tag) for every frame received."""
-        out, _ = self.proc.communicate(timeout=30)
-        result = []
-        for line in out.splitlines():
-            vid, _, hexframe = line.partition(" ")
-            result.append((None if vid == "-" else int(vid), bytes.fromhex(hexframe)))
-        return result
+def send_control(guest: Guest, dst: str = pk.BROADCAST, vid: int | None = None) -> bytes:
+    """Send a control frame (see `control_frame`) from the guest; returns its token."""
+    frame, token = control_frame(guest, dst, vid)
+    send_frames(guest, [frame])
+    return token
+
+
+def send_control_from_bridge(sw: Switch, vid: int | None = None, bridge: str = "br0") -> bytes:
+    """A control frame into the switch through the bridge's own (local) port, which
+    carries every VLAN and has no anti-spoofing flows; returns its token."""
+    token = new_token()
+    frame = pk.ethernet(pk.BROADCAST, sw.host.link(bridge)["address"], CONTROL_ETHERTYPE, token,
+                        vid=vid)
+    sw.host.run(sys.executable, FRAMES, "send", bridge, frame.ljust(60, b"\0").hex())
+    return token
+
+
+class Capture(Listener):
+    """Frames received on a guest's eth0 (or `ifname` in a namespace), by a process
+    bound before the constructor returns, so before any traffic the test makes.
+
+    `until(token)` returns what arrived before a control frame: pass the token of one
+    sent after the frames under test, and "not among them" means never delivered,
+    however slow the machine is. `wait(...)` polls for frames that must arrive."""
+
+    def __init__(self, guest: Guest | Netns, ifname: str = "eth0") -> None:
+        ns = guest.ns if isinstance(guest, Guest) else guest
+        super().__init__(ns.name, ifname)
+
+    def received(self, marker: bytes, before: bytes) -> list[int | None]:
+        """The VLAN ids (None: untagged) of the frames carrying `marker` that arrived
+        before the control frame carrying `before`."""
+        return [vid for vid, frame in self.until(before) if marker in frame]

@@ -26,11 +26,9 @@ whatever happened; the root namespace is never touched.
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
 import struct
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.nstools import CAPTURE_ANNOUNCEMENTS, Netns, bin_path, hook_env, wait_for
+from tests.integration.frames import Listener, is_arp_or_na, send_control
+from tests.nstools import Netns, bin_path, hook_env, wait_for
 
 TABLE = "100"
 PRIORITY = 20000
@@ -325,9 +324,6 @@ def make_world(tmp: Path, *, ready: bool = True, uplink_rule: bool = True,
 
 # --- watching the wire: announcements as they arrive at the router ----------------
 
-# Runs in the router namespace on one bridge port: prints "ready", then the hex of
-# every ARP frame and ICMPv6 Neighbour Advertisement received, for `limit` seconds.
-
 
 @dataclass
 class Announcement:
@@ -342,7 +338,9 @@ def _mac(b: bytes) -> str:
 
 
 def decode(frame: bytes) -> Announcement | None:
-    """A gratuitous ARP or an NA, decoded here; None for other ARP traffic."""
+    """A gratuitous ARP or an NA, decoded here; None for anything else."""
+    if not is_arp_or_na(frame):
+        return None
     src = _mac(frame[6:12])
     if frame[12:14] == b"\x08\x06":
         op, _sha, spa, _tha, tpa = struct.unpack_from("!H6s4s6s4s", frame, 20)
@@ -362,25 +360,16 @@ class Heard:
 
 
 @contextmanager
-def capture(ns: Netns, ifname: str, limit: float = 1.5) -> Iterator[Heard]:
-    """Collect the announcements arriving on `ifname` in `ns` for `limit` seconds
-    from entering the block (leaving the block waits for the window to close)."""
+def capture(ns: Netns, ifname: str, sender: tuple[Netns, str]) -> Iterator[Heard]:
+    """Collect the announcements arriving on `ifname` in `ns` while the block runs.
+
+    The capture is bound before the block starts. When the block ends, a control frame
+    is sent from `sender` (namespace, interface: the other end of the wire the
+    announcements travel on) and the capture reads until that frame has arrived: it
+    has then seen everything the block put on the wire, however loaded the machine is,
+    so an empty `got` means nothing was announced."""
     heard = Heard()
-    proc = subprocess.Popen(
-        # a count never reached: collect for the whole window
-        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE_ANNOUNCEMENTS, ifname,
-         "1000000", str(limit)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        if not select.select([proc.stdout], [], [], 5)[0] or proc.stdout.readline().strip() != "ready":
-            raise AssertionError("capture did not start")
+    with Listener(ns.name, ifname) as listener:
         yield heard
-        out, err = proc.communicate(timeout=limit + 5)
-        assert proc.returncode == 0, err
-        found = [decode(bytes.fromhex(line)) for line in out.split()]
-        heard.got = [a for a in found if a is not None]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        before = listener.until(send_control(sender[0].name, sender[1]))
+    heard.got = [a for _vid, frame in before if (a := decode(frame)) is not None]

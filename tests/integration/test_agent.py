@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,17 @@ from tests.integration.ovs_env import Switch
 from tests.integration.ovs_env import _alive as alive
 from tests.integration.qemu_harness import Nic as QemuNic
 from tests.integration.qemu_harness import QemuVM, qemu_binary, report_qemu_accel
-from tests.integration.routed_env import GUEST4, GW4, GW6, World, assert_ping, make_world
+from tests.integration.routed_env import (
+    GUEST4,
+    GW4,
+    GW6,
+    OTHER4,
+    OTHER6,
+    OTHER_MAC,
+    World,
+    assert_ping,
+    make_world,
+)
 from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
 from tests.nstools import bin_path, hook_env, one_line, require_root, wait_for
@@ -113,24 +122,48 @@ def test_routed_tap_vanishes_and_is_undone(tmp_path: Path) -> None:
 
 
 def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
-    """A soft reboot: the tap vanishes and a new one of the same name appears within
-    milliseconds and is plugged again. Whoever wins the race (the agent undoing the
-    old plug, or the new ifup), the new plug stays whole."""
+    """A soft reboot: the tap vanishes and a new one of the same name appears at once
+    (one `ip -batch`) and is plugged again. Whoever wins the race (the agent undoing
+    the old plug, or the new ifup), the new plug stays whole. Each order is made to
+    happen, twice: the ifup waits for the agent's report that it undid the old plug,
+    or the agent is held (SIGSTOP) until the ifup is done."""
     require_root()
     with make_world(tmp_path, hosts=("a",)) as world:
         guest = world.plug(world.a)
-        with routed_agent(world, tmp_path) as agent:
+        with routed_agent(world, tmp_path) as agent, show_log_on_failure(agent):
+            assert agent.proc is not None
             assert world.ifup(world.a, guest).returncode == 0
-            for _round in range(3):
-                t0 = time.monotonic()
-                world.a.ns.ip("-batch", "-", input_text=f"link del tap0\nlink add tap0 type veth "
-                              f"peer name eth0 netns {guest.ns.name}\n")
-                gap = time.monotonic() - t0
-                assert gap < 0.1, f"the test took {gap:.3f}s to re-create the tap"
-                configure_guest(guest)
-                up = world.ifup(world.a, guest)
-                assert up.returncode == 0, up.stderr
-                time.sleep(0.5)  # let the agent act on the deletion, whatever it decides
+            for first in ("agent", "ifup", "agent", "ifup"):
+                old = world.a.ns.link("tap0")["ifindex"]
+                if first == "ifup":
+                    # A second NIC, whose tap goes after the new ifup: the agent takes
+                    # link events in order, so once it reports that NIC undone it has
+                    # acted on tap0's deletion too (a newer plug on tap0 is left alone
+                    # without a word).
+                    sentinel = world.plug(world.a, tap="tap1", mac=OTHER_MAC, addr4=OTHER4,
+                                          addr6=OTHER6)
+                    assert world.ifup(world.a, sentinel).returncode == 0
+                    agent.proc.send_signal(signal.SIGSTOP)
+                try:
+                    world.a.ns.ip("-batch", "-", input_text=f"link del tap0\nlink add tap0 type "
+                                  f"veth peer name eth0 netns {guest.ns.name}\n")
+                    assert world.a.ns.link("tap0")["ifindex"] != old  # a new device, same name
+                    if first == "agent":
+                        wait_for(f"the agent to undo the plug on ifindex {old}",
+                                 lambda old=old: reported(agent, f"(ifindex {old}) is gone; undid"),
+                                 timeout=60)
+                    configure_guest(guest)
+                    up = world.ifup(world.a, guest)
+                    assert up.returncode == 0, up.stderr
+                    if first == "ifup":
+                        world.a.ns.ip("link", "del", "tap1")
+                finally:
+                    if first == "ifup":
+                        agent.proc.send_signal(signal.SIGCONT)
+                if first == "ifup":
+                    wait_for("the agent to undo the second NIC",
+                             lambda key=sentinel.nic_uuid: reported(agent, f"({key})"), timeout=60)
+                    assert not reported(agent, f"(ifindex {old}) is gone")  # it left tap0 alone
                 [path] = world.a.journals()
                 journal = json.loads(path.read_text())
                 assert journal["ifindex"] == world.a.ns.link("tap0")["ifindex"]
@@ -143,6 +176,12 @@ def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
             assert "Traceback" not in agent.log()
             assert world.ifdown(world.a).returncode == 0
             assert not any(routed_residue(world.a).values())
+
+
+def reported(agent: AgentProc, detail: str) -> bool:
+    """The agent's log has a report of a NIC undone that contains `detail`."""
+    return any("event=agent" in line and "result=undone" in line and detail in line
+               for line in agent.log().splitlines())
 
 
 def configure_guest(guest: RoutedGuest) -> None:

@@ -10,12 +10,10 @@ here, independently of the code that built them.
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,10 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.nstools import CAPTURE_ANNOUNCEMENTS, Netns, require_root, wait_for
+from tests.integration import packets as pk
+from tests.integration.frames import DEADLINE, Listener, is_arp_or_na, send_control
+from tests.integration.frames import SCRIPT as FRAMES
+from tests.nstools import Netns, require_root, wait_for
 
 ROUTER_IF, HOST_IF = "vr", "vh"
+ROUTER4, ROUTER6 = "198.51.100.1", "2001:db8:100::1"
 GUEST4, GUEST6 = "198.51.100.50", "2001:db8:100::50"
+PROBE4, PROBE6 = "198.51.100.77", "2001:db8:100::77"  # the host's stand-ins in router_caught_up
 OLD_MAC = "02:00:00:00:00:99"
 
 
@@ -66,7 +69,26 @@ class Lan:
     def moved(self, addr: str) -> dict[str, Any]:
         """The router's entry for `addr`, once it points at the host."""
         return wait_for(f"{addr} -> {self.host_mac}",  # type: ignore[no-any-return]
-                        lambda: (n := self.neigh(addr)) and n.get("lladdr") == self.host_mac and n)
+                        lambda: (n := self.neigh(addr)) and n.get("lladdr") == self.host_mac and n,
+                        DEADLINE)
+
+    def router_caught_up(self, family: int) -> None:
+        """Return once the router has processed a frame the host sends now, so all the
+        host sent before: an ARP request for the router's address (IPv4), or a
+        Neighbour Solicitation for it (IPv6), from a probe address. The router answers
+        either by creating an entry for the probe, whatever its arp_accept and
+        accept_untracked_na say; that entry is the sign."""
+        if family == 4:
+            probe = PROBE4
+            frame = pk.ethernet(pk.BROADCAST, self.host_mac, 0x0806,
+                                pk.arp(1, self.host_mac, PROBE4, "00:00:00:00:00:00", ROUTER4))
+        else:
+            probe = PROBE6
+            frame = pk.ethernet("33:33:ff:00:00:01", self.host_mac, 0x86DD,
+                                pk.neighbour_solicit(PROBE6, ROUTER6, self.host_mac))
+        assert self.neigh(probe) is None
+        self.host.run(sys.executable, FRAMES, "send", HOST_IF, frame.hex())
+        wait_for(f"the router's entry for the probe {probe}", lambda: self.neigh(probe), DEADLINE)
 
     def sysctl(self, ns: Netns, key: str, value: str) -> None:
         ns.run("sysctl", "-qw", f"{key}={value}")
@@ -83,8 +105,8 @@ def make_lan(host_v6: str = "ready") -> Iterator[Lan]:
         try:
             host.ip("link", "add", HOST_IF, "type", "veth", "peer", "name", ROUTER_IF,
                     "netns", router.name)
-            router.ip("addr", "add", "198.51.100.1/24", "dev", ROUTER_IF)
-            router.ip("addr", "add", "2001:db8:100::1/64", "dev", ROUTER_IF, "nodad")
+            router.ip("addr", "add", f"{ROUTER4}/24", "dev", ROUTER_IF)
+            router.ip("addr", "add", f"{ROUTER6}/64", "dev", ROUTER_IF, "nodad")
             router.ip("link", "set", ROUTER_IF, "up")
             if host_v6 == "ready":
                 host.run("sysctl", "-qw", f"net.ipv6.conf.{HOST_IF}.accept_dad=0")
@@ -95,10 +117,10 @@ def make_lan(host_v6: str = "ready") -> Iterator[Lan]:
             host.ip("link", "set", HOST_IF, "up")
             for ns, ifname in ((host, HOST_IF), (router, ROUTER_IF)):
                 wait_for(f"{ifname} up", lambda ns=ns, ifname=ifname:  # type: ignore[misc]
-                         ns.link(ifname).get("operstate") == "UP")
-            wait_for("router link-local", lambda: link_locals(router, ROUTER_IF))
+                         ns.link(ifname).get("operstate") == "UP", DEADLINE)
+            wait_for("router link-local", lambda: link_locals(router, ROUTER_IF), DEADLINE)
             if host_v6 != "none":
-                wait_for("host link-local", lambda: link_locals(host, HOST_IF))
+                wait_for("host link-local", lambda: link_locals(host, HOST_IF), DEADLINE)
             yield Lan(router, host, host.link(HOST_IF)["address"])
         finally:
             host.delete()
@@ -113,27 +135,17 @@ def lan() -> Iterator[Lan]:
 
 
 @contextmanager
-def capture(ns: Netns, ifname: str, want: int, limit: float = 3.0) -> Iterator[Callable[[], list[bytes]]]:
-    """Capture frames on `ifname` in `ns`; yields a function returning them when done."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, sys.executable, "-c", CAPTURE_ANNOUNCEMENTS, ifname,
-         str(want), str(limit)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        if not select.select([proc.stdout], [], [], 5)[0] or proc.stdout.readline().strip() != "ready":
-            raise AssertionError("capture did not start")
-
+def capture(lan: Lan) -> Iterator[Callable[[], list[bytes]]]:
+    """Capture on the router's end of the wire, bound before the block runs. Yields a
+    function to call once the announcing call has returned: it sends a control frame
+    from the host's end and returns the ARP and NA frames that arrived before it, so
+    all that the call sent, however loaded the machine is."""
+    with Listener(lan.router.name, ROUTER_IF) as listener:
         def frames() -> list[bytes]:
-            out, err = proc.communicate(timeout=limit + 5)
-            assert proc.returncode == 0, err
-            return [bytes.fromhex(line) for line in out.split()]
+            before = listener.until(send_control(lan.host.name, HOST_IF))
+            return [frame for _vid, frame in before if is_arp_or_na(frame)]
 
         yield frames
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def parse_arp(frame: bytes) -> dict[str, Any]:
@@ -173,7 +185,7 @@ def eui64(mac: str) -> ipaddress.IPv6Address:
 
 def test_gratuitous_arp_moves_existing_entry_and_frames_are_garp(lan: Lan) -> None:
     lan.seed(GUEST4)
-    with capture(lan.router, ROUTER_IF, want=4) as frames:
+    with capture(lan) as frames:
         r = lan.announce(f"gratuitous_arp({HOST_IF!r}, {GUEST4!r}, count=2)")
         assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
         got = [parse_arp(f) for f in frames()]
@@ -204,7 +216,7 @@ def test_unsolicited_na_moves_existing_entry(host_v6: str) -> None:
             assert bool(ll.get("tentative")) == (host_v6 == "tentative")
             source = ipaddress.IPv6Address(ll["local"])
         lan.seed(GUEST6)
-        with capture(lan.router, ROUTER_IF, want=2) as frames:
+        with capture(lan) as frames:
             r = lan.announce(f"unsolicited_na({HOST_IF!r}, {GUEST6!r}, count=2)")
             assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
             got = [parse_na(f) for f in frames()]
@@ -259,14 +271,14 @@ def test_gratuitous_arp_without_entry(lan: Lan, arp_accept: str, created: bool) 
     assert lan.router.sysctl(f"net.ipv4.conf.{ROUTER_IF}.arp_accept") == "0"  # the default
     lan.sysctl(lan.router, f"net.ipv4.conf.{ROUTER_IF}.arp_accept", arp_accept)
     assert lan.neigh(GUEST4) is None
-    with capture(lan.router, ROUTER_IF, want=2) as frames:
+    with capture(lan) as frames:
         r = lan.announce(f"gratuitous_arp({HOST_IF!r}, {GUEST4!r})")
         assert r.returncode == 0, r.stderr
         assert len(frames()) == 2  # both arrived (so an absent entry is the kernel's choice)
     if created:
         assert lan.moved(GUEST4)["state"] == ["STALE"]
     else:
-        time.sleep(0.1)
+        lan.router_caught_up(4)
         assert lan.neigh(GUEST4) is None
 
 
@@ -283,14 +295,14 @@ def test_unsolicited_na_without_entry(lan: Lan, untracked: str, forwarding: str,
     lan.sysctl(lan.router, f"net.ipv6.conf.{ROUTER_IF}.accept_untracked_na", untracked)
     assert lan.router.sysctl(f"net.ipv6.conf.{ROUTER_IF}.forwarding") == forwarding
     assert lan.neigh(GUEST6) is None
-    with capture(lan.router, ROUTER_IF, want=1) as frames:
+    with capture(lan) as frames:
         r = lan.announce(f"unsolicited_na({HOST_IF!r}, {GUEST6!r})")
         assert r.returncode == 0, r.stderr
         assert len(frames()) == 1
     if created:
         assert lan.moved(GUEST6)["state"] == ["STALE"]
     else:
-        time.sleep(0.1)
+        lan.router_caught_up(6)
         assert lan.neigh(GUEST6) is None
 
 

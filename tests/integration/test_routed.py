@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.frames import DEADLINE
 from tests.integration.routed_env import (
     GLOBAL_READY,
     GUEST4,
@@ -156,7 +157,7 @@ def test_router_and_guest_reach_each_other_through_host_a(world: World) -> None:
     guest = world.plug(a)
     a.set_sysctl("net.ipv4.conf.tap0.forwarding", "0")  # so its restoration shows
     before, tap_before = a.ns.snapshot(), a.sysctls(tap_sysctl_keys("tap0"))
-    with capture(world.router, "pa") as heard:
+    with capture(world.router, "pa", sender=(a.ns, a.uplink)) as heard:
         up = world.ifup(a, guest)
         assert up.returncode == 0, up.stderr
         assert up.stderr == ""
@@ -199,14 +200,15 @@ def test_migration_moves_the_router_at_once_and_leaves_a_clean(world: World, pha
     # The guest stops on A and continues on B: same MAC, same addresses, same NIC.
     a.ns.ip("link", "del", "tap0")
     moved = world.plug(b, guest.ns, nic_uuid=guest.nic_uuid)
-    with capture(world.router, "pb") as heard:
+    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
         up = world.ifup(b, moved, MIGRATION_PHASE=phase)
         assert up.returncode == 0, up.stderr
         assert up.stderr == ""
-        # Right after ifup, before the guest said anything: the announcement did it.
-        world.wait_router_points_at(GUEST4, b.mac, timeout=1.0)
-        world.wait_router_points_at(GUEST6, b.mac, timeout=1.0)
     assert_announced(heard.got, b, GUEST4, GUEST6)
+    # Right after ifup, before the guest said anything (and with nothing sent to it): the
+    # announcements, which the router has taken by now, did it.
+    world.wait_router_points_at(GUEST4, b.mac, timeout=DEADLINE)
+    world.wait_router_points_at(GUEST6, b.mac, timeout=DEADLINE)
     assert_plugged(b, moved)
 
     down = world.ifdown(a, "tap0", "migrate")
@@ -268,7 +270,7 @@ def test_migration_target_waits_for_switchover(world: World, switchover: str) ->
     assert_router_via(world, a, GUEST4, GUEST6)
 
     incoming = world.plug(b, nic_uuid=guest.nic_uuid)  # the incoming copy, paused
-    with capture(world.router, "pb") as heard:
+    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
         pre = world.ifup(b, incoming, MIGRATION_PHASE="pre")
         assert pre.returncode == 0, pre.stderr
     assert guest_announcements(heard.got, GUEST4, GUEST6) == []
@@ -280,15 +282,15 @@ def test_migration_target_waits_for_switchover(world: World, switchover: str) ->
     assert_router_via(world, a, GUEST4, GUEST6)
 
     a.ns.ip("link", "del", "tap0")  # switchover: the source's guest is gone
-    with capture(world.router, "pb") as heard:
+    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
         if switchover == "announce":
             done = world.announce(b, "tap0")
         else:
             done = world.ifup(b, incoming, MIGRATION_PHASE="post")
         assert done.returncode == 0, done.stderr
-        world.wait_router_points_at(GUEST4, b.mac, timeout=1.0)
-        world.wait_router_points_at(GUEST6, b.mac, timeout=1.0)
     assert_announced(heard.got, b, GUEST4, GUEST6)
+    world.wait_router_points_at(GUEST4, b.mac, timeout=DEADLINE)
+    world.wait_router_points_at(GUEST6, b.mac, timeout=DEADLINE)
     assert_plugged(b, incoming)
     if switchover == "announce":  # an operator's retry changes nothing
         again = world.announce(b, "tap0")
@@ -597,7 +599,7 @@ def test_uplink_override_per_family(world: World) -> None:
     wait_for("alt0 up", lambda: a.ns.link("alt0").get("operstate") == "UP")
     guest = world.plug(a)
     before = a.ns.snapshot()
-    with capture(a.ns, "alt1") as heard:
+    with capture(a.ns, "alt1", sender=(a.ns, "alt0")) as heard:
         up = world.ifup(a, guest, NICHOOKS_UPLINK4="alt0")
         assert up.returncode == 0, up.stderr
     assert_plugged(a, guest, uplink4="alt0")
@@ -611,7 +613,7 @@ def test_uplink_override_per_family(world: World) -> None:
 def test_announce_off(world: World) -> None:
     a = world.a
     guest = world.plug(a)
-    with capture(world.router, "pa") as heard:
+    with capture(world.router, "pa", sender=(a.ns, a.uplink)) as heard:
         up = world.ifup(a, guest, NICHOOKS_ANNOUNCE="0")
         assert up.returncode == 0, up.stderr
     assert guest_announcements(heard.got, GUEST4, GUEST6) == []

@@ -105,14 +105,32 @@ def test_world_writable_directory_is_refused(updir: Path) -> None:
 
 def test_timeout_kills_the_script_and_its_children(updir: Path, tmp_path: Path) -> None:
     needs_root()
-    marker = tmp_path / "child-alive"
-    script(updir, "10-hang", f"(sleep 3; touch {marker}) & sleep 30")
+    marker, pidfile = tmp_path / "child-alive", tmp_path / "child-pid"
+    # The child would outlive the script by far: it is gone only if it was killed. (Its
+    # command line names the marker: the script's own is /proc/self/fd/N.)
+    script(updir, "10-hang", f"sh -c 'sleep 30; touch {marker}' & echo $! > {pidfile}; sleep 30")
     start = time.monotonic()
     [failure] = run_scripts(updir, "tap0", {"PATH": "/usr/bin:/bin"}, 0.5, HookLog(), stop_on_failure=True)
     assert "did not finish within 0.5s" in failure.reason
     assert time.monotonic() - start < 5
-    time.sleep(3.5)
+    assert pidfile.exists() and pidfile.read_text().strip(), "killed before it started its child"
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 20
+    while running(child, str(marker)):
+        assert time.monotonic() < deadline, f"the script's child {child} is still running"
+        time.sleep(0.02)
     assert not marker.exists()
+
+
+def running(pid: int, name: str) -> bool:
+    """Process `pid` exists, is not a zombie and has `name` in its command line (so it
+    is not a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and name.encode() in cmdline
 
 
 def test_missing_directory_is_fine(tmp_path: Path) -> None:
