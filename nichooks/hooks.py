@@ -268,7 +268,10 @@ def ifup(request: Request) -> None:
                               context=context, variables=dict(nic.variables),
                               records=list(carried), deferred=list(plan.deferred))
             store.save(journal)
-            store.claim_tap(nic.tap, nic.key)
+            try:
+                store.claim_tap(nic.tap, nic.key)
+            except PlumbingError as exc:  # e.g. a directory where the tap's entry goes
+                _rollback(store, net, nic, journal, log, len(carried), exc.cause, "journal")
             _apply(store, net, nic, plan, journal, log, len(carried),
                    fault=request.env.get("NICHOOKS_TEST_FAULT", ""))
             _verify(store, net, nic, plan, journal, log, len(carried))

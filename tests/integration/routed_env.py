@@ -229,7 +229,7 @@ class World:
         entry = self.router_neigh(addr)
         return entry.get("lladdr") if entry else None
 
-    def wait_router_points_at(self, addr: str, mac: str, timeout: float = 2.0) -> dict[str, Any]:
+    def wait_router_points_at(self, addr: str, mac: str, timeout: float = 20.0) -> dict[str, Any]:
         return wait_for(  # type: ignore[no-any-return]
             f"router's entry for {addr} -> {mac} (now {self.router_neigh(addr)})",
             lambda: (n := self.router_neigh(addr)) and n.get("lladdr") == mac and n, timeout)

@@ -1523,9 +1523,9 @@ def _expected_wrong_kind(target: str, kind: str, box: Box, path: Path) -> WrongK
         quarantined = kind in ("directory", "fifo", "loop", "outside", "empty")
         return WrongKind(0, [], "plugged, quarantined" if quarantined else "plugged", reads_victim=outside)
     if target == "tap-index":
-        if kind == "directory":  # the entry cannot be renamed over a directory
-            return WrongKind(1, _exact(f"nichooks: {path} is a directory nichooks did not make; remove it"),
-                             "not checked")
+        if kind == "directory":  # the entry cannot be renamed over a directory: rolled back
+            return WrongKind(1, _exact(f"nichooks: {label}: step journal: {path} is a directory "
+                                       "nichooks did not make; remove it"), "no journal")
         # Not a file of ours (or, through the outside link, naming this very NIC): the
         # entry is replaced by ours.
         return WrongKind(0, [], "plugged", reads_victim=outside)
@@ -1567,6 +1567,9 @@ def _check_after(expect: WrongKind, box: Box, before: dict[str, tuple[Any, ...]]
         assert _tree(state, ()) == before, "the state directory changed"
     elif expect.after == "nothing journaled":
         assert journals(state) == [] and tap_index(state) == [], (journals(state), tap_index(state))
+    elif expect.after == "no journal":  # rolled back; what was in the way stays in the way
+        assert journals(state) == [], journals(state)
+        assert stat.S_ISDIR(os.lstat(state / "taps" / TAP).st_mode)
     elif expect.after.startswith("plugged"):
         journal_path = state / "nics" / f"{KEY}.json"
         assert stat.S_ISREG(os.lstat(journal_path).st_mode), "no journal file"

@@ -242,8 +242,8 @@ def test_migration_there_and_back(world: World) -> None:
         guest = world.plug(there, guest.ns, nic_uuid=guest.nic_uuid)
         up = world.ifup(there, guest)
         assert up.returncode == 0, up.stderr
-        world.wait_router_points_at(GUEST4, there.mac, timeout=1.0)
-        world.wait_router_points_at(GUEST6, there.mac, timeout=1.0)
+        world.wait_router_points_at(GUEST4, there.mac, timeout=20)
+        world.wait_router_points_at(GUEST6, there.mac, timeout=20)
         down = world.ifdown(here, "tap0", "migrate")
         assert down.returncode == 0, down.stderr
         assert here.ns.snapshot() == empty[here.name]
