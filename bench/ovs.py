@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.integration.ovs_env import Switch
-from tests.nstools import Netns, bin_path
+from tests.support.hooks import bin_path
+from tests.support.netns import Netns
 
 UUID = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 MAC = "52:54:00:00:00:09"

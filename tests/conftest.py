@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nstools import CREATED, Netns, list_netns, require_root, root_links
+from tests.support.netns import CREATED, Netns, list_netns, require_root, root_links
 
 
 @pytest.fixture(scope="session", autouse=True)

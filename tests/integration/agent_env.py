@@ -7,7 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.nstools import Netns, bin_path, wait_for
+from tests.support.hooks import bin_path, wait_for
+from tests.support.netns import Netns
 
 
 class AgentProc:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.nstools import Netns, bin_path, hook_env
-
-GUEST_MAC = "aa:00:00:11:22:33"
+from tests.support.constants import GUEST_MAC
+from tests.support.hooks import bin_path, hook_env
+from tests.support.netns import Netns
 
 
 @dataclass
@@ -57,13 +56,3 @@ class Site:
              ) -> subprocess.CompletedProcess[str]:
         return self.host.run(bin_path(name), *args, env=env if env is not None else self.env(),
                              check=False)
-
-    def journals(self) -> list[dict[str, object]]:
-        nics = self.state / "nics"
-        if not nics.exists():
-            return []
-        return [json.loads(p.read_text()) for p in sorted(nics.glob("*.json"))]
-
-    def tap_index(self) -> list[str]:
-        taps = self.state / "taps"
-        return sorted(p.name for p in taps.iterdir()) if taps.exists() else []

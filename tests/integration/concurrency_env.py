@@ -24,17 +24,17 @@ from typing import Any
 
 from tests.integration.ovs_env import Switch
 from tests.integration.ovs_env import _plain as plain
-from tests.nstools import Netns, bin_path
-
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+from tests.support.hooks import bin_path
+from tests.support.netns import Netns
+from tests.support.scripts import write_script
+from tests.support.state import journals, names_in, tap_index
 
 # Custom ifup script (runs while the hook holds the NIC's locks): proves mutual
 # exclusion (mkdir is atomic: a second holder at the same time cannot create the
 # directory) and records the order in which ifups held the lock, by INSTANCE, with
 # the time (epoch seconds) at which each one held it. It also creates held/INSTANCE,
 # which puts the ifup into a Trail (below) among what the other holders did.
-ORDER_SCRIPT = """#!/bin/sh
-d="$NICHOOKS_STATE_DIR/order"
+ORDER_SCRIPT = """d="$NICHOOKS_STATE_DIR/order"
 if ! mkdir "$d/inside-$INTERFACE" 2>/dev/null; then
     echo "$INSTANCE" >> "$d/overlaps"
 fi
@@ -42,16 +42,13 @@ echo "$INSTANCE $(date +%s.%N)" >> "$d/ifups"
 : > "$d/held/$INSTANCE"
 sleep 0.01
 rmdir "$d/inside-$INTERFACE" 2>/dev/null
-exit 0
-"""
+exit 0"""
 
 # Custom ifdown script (runs once per plug an ifdown undid, after its locks are
 # released): which call ($ORDER_CALL, set by the test) undid which plug ($INSTANCE and
 # $INTERFACE come from the journal it undid) while called for which tap ($1).
-DOWN_SCRIPT = """#!/bin/sh
-echo "${ORDER_CALL:--} $1 $INSTANCE $INTERFACE" >> "$NICHOOKS_STATE_DIR/order/downs"
-exit 0
-"""
+DOWN_SCRIPT = """echo "${ORDER_CALL:--} $1 $INSTANCE $INTERFACE" >> "$NICHOOKS_STATE_DIR/order/downs"
+exit 0"""
 
 
 @dataclass
@@ -159,49 +156,20 @@ def ifdown(label: str, tap: str, env: dict[str, str], context: str = "") -> Call
 
 
 # -- the state directory ------------------------------------------------------------------
-def read_journals(state: Path) -> dict[str, dict[str, Any]]:
-    """Every journal, by key; asserts that nics/ holds nothing but parseable journals
-    named after their key."""
-    nics = state / "nics"
-    found: dict[str, dict[str, Any]] = {}
-    if not nics.exists():
-        return found
-    for path in sorted(nics.iterdir()):
-        assert path.name.endswith(".json") and UUID_RE.fullmatch(path.name[:-5]), \
-            f"unexpected file in nics/: {path.name}"
-        try:
-            data = json.loads(path.read_bytes())
-        except ValueError as exc:
-            raise AssertionError(f"corrupt journal {path}: {exc}") from None
-        assert isinstance(data, dict) and data.get("format") == 1, f"{path}: {data!r:.200}"
-        assert data["key"] == path.name[:-5], f"{path} holds key {data['key']}"
-        assert isinstance(data["records"], list)
-        found[data["key"]] = data
-    return found
-
-
-def read_tap_index(state: Path) -> dict[str, str]:
-    taps = state / "taps"
-    if not taps.exists():
-        return {}
-    return {p.name: p.read_text().strip() for p in sorted(taps.iterdir())}
-
-
 def assert_store_sound(state: Path) -> dict[str, dict[str, Any]]:
     """Journals parse, each is fully applied with no failed record, the tap index and
     the journals name each other one to one, no temp file is left over and nothing
-    was quarantined as corrupt. Returns the journals."""
-    journals = read_journals(state)
-    index = read_tap_index(state)
-    for key, journal in journals.items():
+    was quarantined as corrupt. Returns the journals, by key."""
+    by_key = {journal["key"]: journal for journal in journals(state)}
+    index = tap_index(state)
+    for key, journal in by_key.items():
         assert journal["state"] == "applied", journal
         assert all(r["status"] == "pending" for r in journal["records"]), journal
         assert index.get(journal["tap"]) == key, (journal["tap"], key, index)
-    assert sorted(index.values()) == sorted(journals), (index, sorted(journals))
-    tmp = state / "tmp"
-    assert not tmp.exists() or list(tmp.iterdir()) == [], list(tmp.iterdir())
+    assert sorted(index.values()) == sorted(by_key), (index, sorted(by_key))
+    assert names_in(state, "tmp") == [], names_in(state, "tmp")
     assert not (state / "corrupt").exists(), list((state / "corrupt").iterdir())
-    return journals
+    return by_key
 
 
 def install_order_script(state: Path, conf: Path) -> Path:
@@ -209,13 +177,8 @@ def install_order_script(state: Path, conf: Path) -> Path:
     ifdown undid; returns the order directory."""
     order = state / "order"
     (order / "held").mkdir(parents=True, exist_ok=True)
-    for action, text in (("ifup", ORDER_SCRIPT), ("ifdown", DOWN_SCRIPT)):
-        scripts = conf / f"{action}.d"
-        scripts.mkdir(exist_ok=True)
-        scripts.chmod(0o755)
-        path = scripts / "10-order"
-        path.write_text(text)
-        path.chmod(0o755)
+    write_script(conf / "ifup.d", "10-order", ORDER_SCRIPT)
+    write_script(conf / "ifdown.d", "10-order", DOWN_SCRIPT)
     return order
 
 
@@ -298,10 +261,6 @@ class Trail:
                     self.seen.append(("held", name))
                 elif kind == "lock" and mask & IN_DELETE and name.endswith(".lock"):
                     self.seen.append(("deleted", name.removesuffix(".lock")))
-
-
-def links_by_name(ns: Netns) -> dict[str, dict[str, Any]]:
-    return {link["ifname"]: link for link in ns.ipj("-d", "link", "show")}
 
 
 # -- Open vSwitch, observed through ovs-vsctl / ovs-ofctl ------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.bridged_env import Site
 from tests.integration.ovs_env import Switch
-from tests.nstools import Netns, require_root
+from tests.support.netns import Netns, require_root
 
 
 @pytest.fixture

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration import packets as pk
-from tests.integration.frames import CONTROL_ETHERTYPE, Listener, new_token
-from tests.nstools import Netns, bin_path, hook_env, wait_for
+from tests.support import packets as pk
+from tests.support.frames import CONTROL_ETHERTYPE, Listener, new_token
+from tests.support.frames import SCRIPT as FRAMES
+from tests.support.hooks import bin_path, hook_env, wait_for
+from tests.support.netns import Netns
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
-FRAMES = str(Path(__file__).with_name("frames.py"))
 
 
 @dataclass
@@ -52,6 +53,14 @@ class Guest:
         """The first ping through a fresh port may be lost while ARP and the switch's
         MAC learning settle."""
         return any(self.ping(addr) for _ in range(tries))
+
+    def listen(self) -> Listener:
+        """A capture of the frames the guest's eth0 receives, bound before it returns,
+        so before any traffic the test makes. `until(token)` gives what arrived before a
+        control frame: pass the token of one sent after the frames under test (see
+        `send_control`), and "not among them" means never delivered, however slow the
+        machine is. `wait(...)` polls for frames that must arrive."""
+        return Listener(self.ns.name, "eth0")
 
 
 class Switch:
@@ -262,20 +271,3 @@ def send_control_from_bridge(sw: Switch, vid: int | None = None, bridge: str = "
     sw.host.run(sys.executable, FRAMES, "send", bridge, frame.ljust(60, b"\0").hex())
     return token
 
-
-class Capture(Listener):
-    """Frames received on a guest's eth0 (or `ifname` in a namespace), by a process
-    bound before the constructor returns, so before any traffic the test makes.
-
-    `until(token)` returns what arrived before a control frame: pass the token of one
-    sent after the frames under test, and "not among them" means never delivered,
-    however slow the machine is. `wait(...)` polls for frames that must arrive."""
-
-    def __init__(self, guest: Guest | Netns, ifname: str = "eth0") -> None:
-        ns = guest.ns if isinstance(guest, Guest) else guest
-        super().__init__(ns.name, ifname)
-
-    def received(self, marker: bytes, before: bytes) -> list[int | None]:
-        """The VLAN ids (None: untagged) of the frames carrying `marker` that arrived
-        before the control frame carrying `before`."""
-        return [vid for vid, frame in self.until(before) if marker in frame]

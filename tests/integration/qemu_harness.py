@@ -616,14 +616,6 @@ def report_qemu_accel(config: pytest.Config, qemu: str | None = None) -> Accel:
     return qemu_accel(qemu)
 
 
-def stub_script(directory: Path, name: str, body: str) -> str:
-    """A stand-in hook (shell) for developing against QEMU without nichooks."""
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return str(path)
-
-
 def pids_of(exe: str) -> set[int]:
     """Pids of running processes whose executable is `exe` (for leak checks)."""
     found = set()

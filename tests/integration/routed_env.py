@@ -25,9 +25,6 @@ whatever happened; the root namespace is never touched.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -36,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.frames import Listener, is_arp_or_na, send_control
-from tests.nstools import Netns, bin_path, hook_env, wait_for
+from tests.support.constants import GUEST_MAC, OTHER_MAC
+from tests.support.hooks import bin_path, hook_env, wait_for
+from tests.support.netns import Netns
+from tests.support.packets import eui64
 
 TABLE = "100"
 PRIORITY = 20000
@@ -48,21 +47,8 @@ ROUTER_MAC = "02:00:00:00:01:01"
 GW4, GW6 = "198.51.100.1", "2001:db8:100::1"
 SUBNET4, SUBNET6 = "198.51.100.0/24", "2001:db8:100::/64"
 
-GUEST_MAC = "aa:00:00:11:22:33"
 GUEST4 = "198.51.100.50"
-OTHER_MAC = "aa:00:00:44:55:66"
 OTHER4 = "198.51.100.51"
-
-
-def eui64(prefix: str, mac: str) -> str:
-    """The modified EUI-64 address of `mac` in the /64 `prefix`, computed here."""
-    net = ipaddress.IPv6Network(prefix)
-    assert net.prefixlen == 64
-    b = bytes.fromhex(mac.replace(":", ""))
-    iid = bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE]) + b[3:]
-    return str(ipaddress.IPv6Address(net.network_address.packed[:8] + iid))
-
-
 GUEST6 = eui64(SUBNET6, GUEST_MAC)   # 2001:db8:100:0:a800:ff:fe11:2233
 OTHER6 = eui64(SUBNET6, OTHER_MAC)
 assert GUEST6 == "2001:db8:100:0:a800:ff:fe11:2233"
@@ -78,8 +64,6 @@ def uplink_ready(uplink: str) -> dict[str, str]:
 def tap_sysctl_keys(tap: str) -> list[str]:
     return [f"net.ipv4.conf.{tap}.proxy_arp", f"net.ipv4.conf.{tap}.forwarding",
             f"net.ipv6.conf.{tap}.proxy_ndp", f"net.ipv6.conf.{tap}.forwarding"]
-
-
 
 
 @dataclass
@@ -117,10 +101,6 @@ class Host:
     def proxies(self, fam: str, dev: str | None = None) -> list[dict[str, Any]]:
         found = self.ns.ipj(fam, "neigh", "show", "proxy")
         return [p for p in found if dev is None or p.get("dev") == dev]
-
-    def journals(self) -> list[Path]:
-        nics = self.state / "nics"
-        return sorted(nics.glob("*.json")) if nics.exists() else []
 
 
 @dataclass
@@ -320,56 +300,3 @@ def make_world(tmp: Path, *, ready: bool = True, uplink_rule: bool = True,
     finally:
         for ns in reversed(namespaces):
             ns.delete()
-
-
-# --- watching the wire: announcements as they arrive at the router ----------------
-
-
-@dataclass
-class Announcement:
-    kind: str          # "garp-request", "garp-reply", "na"
-    src_mac: str
-    addr: str
-    override: bool = False
-
-
-def _mac(b: bytes) -> str:
-    return ":".join(f"{x:02x}" for x in b)
-
-
-def decode(frame: bytes) -> Announcement | None:
-    """A gratuitous ARP or an NA, decoded here; None for anything else."""
-    if not is_arp_or_na(frame):
-        return None
-    src = _mac(frame[6:12])
-    if frame[12:14] == b"\x08\x06":
-        op, _sha, spa, _tha, tpa = struct.unpack_from("!H6s4s6s4s", frame, 20)
-        if spa != tpa:
-            return None
-        return Announcement("garp-request" if op == 1 else "garp-reply", src, socket.inet_ntoa(spa))
-    flags, target = struct.unpack_from("!I16s", frame, 58)
-    return Announcement("na", src, str(ipaddress.IPv6Address(target)),
-                        override=bool(flags & 0x20000000))
-
-
-@dataclass
-class Heard:
-    """What a capture saw; filled in when its `with` block ends."""
-
-    got: list[Announcement] = field(default_factory=list)
-
-
-@contextmanager
-def capture(ns: Netns, ifname: str, sender: tuple[Netns, str]) -> Iterator[Heard]:
-    """Collect the announcements arriving on `ifname` in `ns` while the block runs.
-
-    The capture is bound before the block starts. When the block ends, a control frame
-    is sent from `sender` (namespace, interface: the other end of the wire the
-    announcements travel on) and the capture reads until that frame has arrived: it
-    has then seen everything the block put on the wire, however loaded the machine is,
-    so an empty `got` means nothing was announced."""
-    heard = Heard()
-    with Listener(ns.name, ifname) as listener:
-        yield heard
-        before = listener.until(send_control(sender[0].name, sender[1]))
-    heard.got = [a for _vid, frame in before if (a := decode(frame)) is not None]

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.nstools import Netns
+from tests.support.netns import Netns
 
 WRONG_DEV_LOG = 97
 """The wrapper's exit status when /dev/log, as the hook would see it, is not what

@@ -4,7 +4,6 @@ removed from a live NIC is put back from its journal."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -28,14 +27,16 @@ from tests.integration.routed_env import (
     GW6,
     OTHER4,
     OTHER6,
-    OTHER_MAC,
     World,
     assert_ping,
     make_world,
 )
 from tests.integration.routed_env import Guest as RoutedGuest
 from tests.integration.routed_env import Host as RoutedHost
-from tests.nstools import bin_path, hook_env, one_line, require_root, wait_for
+from tests.support.constants import OTHER_MAC
+from tests.support.hooks import bin_path, hook_env, one_line, wait_for
+from tests.support.netns import require_root
+from tests.support.state import journal_path, journals, names_in, tap_index
 
 # The agent undoes a vanished NIC in ~70-170 ms here (bench/agent.py measures it); the
 # tests allow more so that a loaded CI machine cannot make them flake, and the figures
@@ -70,8 +71,8 @@ def test_bridged_tap_vanishes_and_is_undone(site: Site, tmp_path: Path) -> None:
         before = site.host.snapshot()
         assert site.hook("kvm-ifup", "tap0").returncode == 0
         site.host.ip("link", "del", "tap0")
-        took = timed("the journal to go", lambda: not site.journals(), VANISH_LIMIT)
-        assert site.tap_index() == []
+        took = timed("the journal to go", lambda: not names_in(site.state, "nics"), VANISH_LIMIT)
+        assert tap_index(site.state) == {}
         assert site.host.snapshot() == without(before, "tap0")
         assert "result=undone" in agent.log(), agent.log()
     assert agent.proc is not None and agent.proc.returncode == 0, agent.log()
@@ -115,7 +116,7 @@ def test_routed_tap_vanishes_and_is_undone(tmp_path: Path) -> None:
             assert world.ifup(world.a, guest).returncode == 0
             assert routed_residue(world.a)["routes4"]
             world.a.ns.ip("link", "del", "tap0")
-            took = timed("the journal to go", lambda: not world.a.journals(), VANISH_LIMIT)
+            took = timed("the journal to go", lambda: not names_in(world.a.state, "nics"), VANISH_LIMIT)
             assert world.a.ns.snapshot() == without(before, "tap0"), agent.log()
             assert not any(routed_residue(world.a).values())
         print(f"vanished routed NIC undone in {took * 1000:.0f} ms")
@@ -164,8 +165,7 @@ def test_reused_tap_name_keeps_the_new_plug(tmp_path: Path) -> None:
                     wait_for("the agent to undo the second NIC",
                              lambda key=sentinel.nic_uuid: reported(agent, f"({key})"), timeout=60)
                     assert not reported(agent, f"(ifindex {old}) is gone")  # it left tap0 alone
-                [path] = world.a.journals()
-                journal = json.loads(path.read_text())
+                [journal] = journals(world.a.state)
                 assert journal["ifindex"] == world.a.ns.link("tap0")["ifindex"]
                 assert journal["state"] == "applied"
                 residue = routed_residue(world.a)
@@ -240,7 +240,7 @@ def test_ovs_tap_vanishes_port_and_flows_removed(switch: Switch, dirs: tuple[Pat
         switch.host.ip("link", "del", "tapa")
         took = timed("port and flows gone", lambda: ovs_state(switch, "tapa") == (False, 0),
                      VANISH_LIMIT)
-        wait_for("the journal to go", lambda: not list((dirs[0] / "nics").glob("*.json")))
+        wait_for("the journal to go", lambda: not names_in(dirs[0], "nics"))
         assert "result=failed" not in agent.log(), agent.log()
     print(f"vanished OVS NIC undone in {took * 1000:.0f} ms")
 
@@ -295,10 +295,10 @@ def test_qemu_sigkill_leaves_no_residue(tmp_path: Path, pytestconfig: pytest.Con
             vm = QemuVM(host.ns, [QemuNic("tapq0", spec["MAC"])], script=bin_path("kvm-ifup"),
                         downscript=bin_path("kvm-ifdown"), env=env)
             with vm:
-                assert host.journals(), vm.log()
+                assert names_in(host.state, "nics"), vm.log()
                 assert routed_residue(host)["routes4"]
                 os.kill(vm.pid, signal.SIGKILL)
-                took = timed("the journal to go", lambda: not host.journals(), VANISH_LIMIT + 1)
+                took = timed("the journal to go", lambda: not names_in(host.state, "nics"), VANISH_LIMIT + 1)
             after = host.ns.snapshot()
             assert after == before, (agent.log(), vm.log())
             assert not any(routed_residue(host).values())
@@ -340,7 +340,7 @@ def test_daemonized_agent_is_alone_and_stops_on_sigterm(site: Site) -> None:
         assert "another nichooks agent is running" in one_line(second.stderr)
         assert site.hook("kvm-ifup", "tap0").returncode == 0
         site.host.ip("link", "del", "tap0")  # the daemon does the work too
-        wait_for("the journal to go", lambda: not site.journals(), VANISH_LIMIT)
+        wait_for("the journal to go", lambda: not names_in(site.state, "nics"), VANISH_LIMIT)
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_for("the agent to stop", lambda: not alive(pid), 10)
@@ -356,7 +356,7 @@ def test_sweep_never_unplugs_a_live_guest_whose_journal_is_unreadable(
     env = switch.nic_env(*dirs, guest)
     assert switch.hook("kvm-ifup", "tapa", env=env).returncode == 0
     flows = switch.our_flows("br0")
-    (dirs[0] / "nics" / f"{guest.uuid}.json").write_text('{"format": 99}')
+    journal_path(dirs[0], guest.uuid).write_text('{"format": 99}')
     sweep = switch.hook("nichooks", "sweep", env=env)
     assert sweep.returncode == 1, sweep.stdout  # the corrupt journal is reported
     assert "corrupt: " in sweep.stdout, sweep.stdout

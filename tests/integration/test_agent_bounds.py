@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tests.integration.agent_env import AgentProc
 from tests.integration.bridged_env import Site
-from tests.nstools import bin_path, wait_for
+from tests.support.hooks import bin_path, wait_for
+from tests.support.state import journals
 
 
 def lock_files(site: Site) -> list[str]:
@@ -32,7 +33,7 @@ def test_lock_files_go_with_their_nic(site: Site) -> None:
     site.host.ip("link", "del", "tap0")
     r = site.host.run(bin_path("nichooks"), "sweep", env=site.env(), check=False)
     assert r.returncode == 0, r.stderr
-    assert site.journals() == []
+    assert journals(site.state) == []
     assert lock_files(site) == []
 
 

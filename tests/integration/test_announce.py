@@ -10,33 +10,27 @@ here, independently of the code that built them.
 from __future__ import annotations
 
 import ipaddress
-import socket
-import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.integration import packets as pk
-from tests.integration.frames import DEADLINE, Listener, is_arp_or_na, send_control
-from tests.integration.frames import SCRIPT as FRAMES
-from tests.nstools import Netns, require_root, wait_for
+from tests.support import packets as pk
+from tests.support.frames import DEADLINE, Heard, capture_announcements
+from tests.support.frames import SCRIPT as FRAMES
+from tests.support.hooks import wait_for
+from tests.support.netns import Netns, require_root
+from tests.support.packets import eui64, mac_bytes, parse_arp, parse_na
 
 ROUTER_IF, HOST_IF = "vr", "vh"
 ROUTER4, ROUTER6 = "198.51.100.1", "2001:db8:100::1"
 GUEST4, GUEST6 = "198.51.100.50", "2001:db8:100::50"
 PROBE4, PROBE6 = "198.51.100.77", "2001:db8:100::77"  # the host's stand-ins in router_caught_up
 OLD_MAC = "02:00:00:00:00:99"
-
-
-
-
-def mac_bytes(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
 
 
 def link_locals(ns: Netns, ifname: str) -> list[dict[str, Any]]:
@@ -93,6 +87,12 @@ class Lan:
     def sysctl(self, ns: Netns, key: str, value: str) -> None:
         ns.run("sysctl", "-qw", f"{key}={value}")
 
+    def capture(self) -> AbstractContextManager[Heard]:
+        """The ARP and NA frames the block sends, as they arrived at the router's end of
+        the wire (bound before the block runs; when it ends, a control frame from the
+        host's end proves that all the block sent has arrived)."""
+        return capture_announcements(self.router.name, ROUTER_IF, sender=(self.host.name, HOST_IF))
+
 
 @contextmanager
 def make_lan(host_v6: str = "ready") -> Iterator[Lan]:
@@ -134,61 +134,15 @@ def lan() -> Iterator[Lan]:
         yield site
 
 
-@contextmanager
-def capture(lan: Lan) -> Iterator[Callable[[], list[bytes]]]:
-    """Capture on the router's end of the wire, bound before the block runs. Yields a
-    function to call once the announcing call has returned: it sends a control frame
-    from the host's end and returns the ARP and NA frames that arrived before it, so
-    all that the call sent, however loaded the machine is."""
-    with Listener(lan.router.name, ROUTER_IF) as listener:
-        def frames() -> list[bytes]:
-            before = listener.until(send_control(lan.host.name, HOST_IF))
-            return [frame for _vid, frame in before if is_arp_or_na(frame)]
-
-        yield frames
-
-
-def parse_arp(frame: bytes) -> dict[str, Any]:
-    dst, src, etype = struct.unpack_from("!6s6sH", frame)
-    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", frame, 14)
-    assert etype == 0x0806 and (htype, ptype, hlen, plen) == (1, 0x0800, 6, 4)
-    return {"dst": dst, "src": src, "op": op, "sha": sha, "spa": socket.inet_ntoa(spa),
-            "tha": tha, "tpa": socket.inet_ntoa(tpa), "len": len(frame)}
-
-
-def parse_na(frame: bytes) -> dict[str, Any]:
-    dst_mac, src_mac, etype = struct.unpack_from("!6s6sH", frame)
-    vtf, plen, nxt, hops, src, dst = struct.unpack_from("!IHBB16s16s", frame, 14)
-    icmp = frame[54:54 + plen]
-    kind, code, _csum, flags, target = struct.unpack_from("!BBHI16s", icmp)
-    opts = icmp[24:]
-    pseudo = src + dst + struct.pack("!I3xB", plen, 58)
-    data = pseudo + icmp
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return {"dst_mac": dst_mac, "src_mac": src_mac, "etype": etype, "version": vtf >> 28,
-            "next": nxt, "hops": hops, "src": ipaddress.IPv6Address(src),
-            "dst": ipaddress.IPv6Address(dst), "type": kind, "code": code,
-            "checksum_ok": total == 0xFFFF, "router": bool(flags & 0x80000000),
-            "solicited": bool(flags & 0x40000000), "override": bool(flags & 0x20000000),
-            "target": ipaddress.IPv6Address(target), "options": opts}
-
-
-def eui64(mac: str) -> ipaddress.IPv6Address:
-    b = mac_bytes(mac)
-    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE]) + b[3:])
-
-
 # --- an entry exists: the announcement moves it --------------------------------------
 
 
 def test_gratuitous_arp_moves_existing_entry_and_frames_are_garp(lan: Lan) -> None:
     lan.seed(GUEST4)
-    with capture(lan) as frames:
+    with lan.capture() as heard:
         r = lan.announce(f"gratuitous_arp({HOST_IF!r}, {GUEST4!r}, count=2)")
         assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-        got = [parse_arp(f) for f in frames()]
+    got = [parse_arp(f) for f in heard.frames]
     entry = lan.moved(GUEST4)
     # Broadcast announcements never assert reachability.
     assert entry["state"] == ["STALE"]
@@ -210,16 +164,16 @@ def test_unsolicited_na_moves_existing_entry(host_v6: str) -> None:
         lls = link_locals(lan.host, HOST_IF)
         if host_v6 == "none":
             assert lls == []
-            source = eui64(lan.host_mac)
+            source = ipaddress.IPv6Address(eui64("fe80::/64", lan.host_mac))
         else:
             [ll] = lls
             assert bool(ll.get("tentative")) == (host_v6 == "tentative")
             source = ipaddress.IPv6Address(ll["local"])
         lan.seed(GUEST6)
-        with capture(lan) as frames:
+        with lan.capture() as heard:
             r = lan.announce(f"unsolicited_na({HOST_IF!r}, {GUEST6!r}, count=2)")
             assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-            got = [parse_na(f) for f in frames()]
+        got = [parse_na(f) for f in heard.frames]
         entry = lan.moved(GUEST6)
         assert entry["state"] == ["STALE"]
         assert "router" not in entry
@@ -271,10 +225,10 @@ def test_gratuitous_arp_without_entry(lan: Lan, arp_accept: str, created: bool) 
     assert lan.router.sysctl(f"net.ipv4.conf.{ROUTER_IF}.arp_accept") == "0"  # the default
     lan.sysctl(lan.router, f"net.ipv4.conf.{ROUTER_IF}.arp_accept", arp_accept)
     assert lan.neigh(GUEST4) is None
-    with capture(lan) as frames:
+    with lan.capture() as heard:
         r = lan.announce(f"gratuitous_arp({HOST_IF!r}, {GUEST4!r})")
         assert r.returncode == 0, r.stderr
-        assert len(frames()) == 2  # both arrived (so an absent entry is the kernel's choice)
+    assert len(heard.frames) == 2  # both arrived (so an absent entry is the kernel's choice)
     if created:
         assert lan.moved(GUEST4)["state"] == ["STALE"]
     else:
@@ -295,10 +249,10 @@ def test_unsolicited_na_without_entry(lan: Lan, untracked: str, forwarding: str,
     lan.sysctl(lan.router, f"net.ipv6.conf.{ROUTER_IF}.accept_untracked_na", untracked)
     assert lan.router.sysctl(f"net.ipv6.conf.{ROUTER_IF}.forwarding") == forwarding
     assert lan.neigh(GUEST6) is None
-    with capture(lan) as frames:
+    with lan.capture() as heard:
         r = lan.announce(f"unsolicited_na({HOST_IF!r}, {GUEST6!r})")
         assert r.returncode == 0, r.stderr
-        assert len(frames()) == 1
+    assert len(heard.frames) == 1
     if created:
         assert lan.moved(GUEST6)["state"] == ["STALE"]
     else:

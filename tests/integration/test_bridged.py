@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.bridged_env import GUEST_MAC, Site
+from tests.integration.bridged_env import Site
 from tests.integration.syslog_capture import SyslogLine, SyslogSocket, run_with_dev_log
-from tests.nstools import bin_path, one_line
+from tests.support.constants import GUEST_MAC, OTHER_MAC, OTHER_UUID
+from tests.support.hooks import bin_path, one_line
+from tests.support.links import assert_bridge_port
+from tests.support.scripts import write_script
+from tests.support.state import journals, tap_index
 
 # The taps' own MACs: the kernel's random veth MAC starts with fe one time in 64, and
 # then a plug that skipped the MAC step would look right. Neither starts with fe, nor
@@ -34,37 +38,25 @@ def own_mac(site: Site, tap: str = "tap0") -> str:
     return mac
 
 
-def assert_plugged(site: Site, tap: str, bridge: str, own: str) -> None:
-    """Plugged into `bridge`, up, with the bridge's MTU and the MAC bridge.plan gives
-    the tap: first octet fe, the other five the tap's own (`own`, read before the
-    plug), so the bridge never adopts it and it never equals the guest's."""
-    link, br = site.host.link(tap), site.host.link(bridge)
-    assert link.get("master") == bridge
-    assert "UP" in link["flags"]
-    assert link["address"] == "fe" + own[2:]
-    assert link["mtu"] == br["mtu"]
-
-
-
 def test_ifup_ifdown_on_jumbo_bridge_returns_namespace(site: Site) -> None:
     before = ready(site, mtu=9000)
     mac = own_mac(site)
     up = site.hook("kvm-ifup", "tap0")
     assert up.returncode == 0, up.stderr
     assert up.stderr == ""
-    assert_plugged(site, "tap0", "br0", mac)
+    assert_bridge_port(site.host, "tap0", "br0", mac)
     assert site.host.link("tap0")["mtu"] == 9000
-    [journal] = site.journals()
+    [journal] = journals(site.state)
     assert journal["key"] == site.nic_uuid and journal["tap"] == "tap0"
     assert journal["state"] == "applied"
-    assert site.tap_index() == ["tap0"]
+    assert tap_index(site.state) == {"tap0": site.nic_uuid}
     ping = site.guest.run("ping", "-c", "2", "-i", "0.2", "-W", "2", "192.0.2.1", check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
     down = site.hook("kvm-ifdown", "tap0")
     assert down.returncode == 0, down.stderr
     assert site.host.snapshot() == before
-    assert site.journals() == [] and site.tap_index() == []
+    assert journals(site.state) == [] and tap_index(site.state) == {}
 
 
 def test_ifup_twice_converges_to_one_plug(site: Site) -> None:
@@ -74,9 +66,9 @@ def test_ifup_twice_converges_to_one_plug(site: Site) -> None:
     first = site.host.link("tap0")
     again = site.hook("kvm-ifup", "tap0")
     assert again.returncode == 0, again.stderr
-    assert_plugged(site, "tap0", "br0", mac)
+    assert_bridge_port(site.host, "tap0", "br0", mac)
     assert site.host.link("tap0")["address"] == first["address"]
-    assert len(site.journals()) == 1
+    assert len(journals(site.state)) == 1
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
     assert site.host.snapshot() == before
 
@@ -89,10 +81,10 @@ def test_ifup_with_new_link_moves_the_nic(site: Site) -> None:
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     moved = site.hook("kvm-ifup", "tap0", env=site.env(LINK="br1"))
     assert moved.returncode == 0, moved.stderr
-    assert_plugged(site, "tap0", "br1", mac)
+    assert_bridge_port(site.host, "tap0", "br1", mac)
     assert site.host.link("tap0")["mtu"] == 1400
     assert site.host.ipj("link", "show", "master", "br0") == []
-    [journal] = site.journals()
+    [journal] = journals(site.state)
     assert journal["link"] == "br1"
     assert site.hook("kvm-ifdown", "tap0", "false").returncode == 0
     assert site.host.snapshot() == before
@@ -104,7 +96,7 @@ def test_ganeti_stock_call_without_argument_and_bogus_argv(site: Site) -> None:
     before = ready(site)
     mac = own_mac(site)
     assert site.hook("kvm-ifup").returncode == 0
-    assert_plugged(site, "tap0", "br0", mac)
+    assert_bridge_port(site.host, "tap0", "br0", mac)
     again = site.hook("kvm-ifup", "../not a tap!")
     assert again.returncode == 0, again.stderr
     assert site.hook("kvm-ifdown", "tap0", "true").returncode == 0
@@ -116,7 +108,7 @@ def test_ganeti_action_down_runs_the_teardown(site: Site) -> None:
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     down = site.hook("kvm-ifup", "tap0", env=site.env(ACTION="down"))
     assert down.returncode == 0, down.stderr
-    assert site.host.snapshot() == before and site.journals() == []
+    assert site.host.snapshot() == before and journals(site.state) == []
 
 
 def test_spec_file_for_plain_qemu(site: Site) -> None:
@@ -129,7 +121,7 @@ def test_spec_file_for_plain_qemu(site: Site) -> None:
     mac = own_mac(site)
     up = site.hook("kvm-ifup", "tap0", env=env)
     assert up.returncode == 0, up.stderr
-    assert_plugged(site, "tap0", "br0", mac)
+    assert_bridge_port(site.host, "tap0", "br0", mac)
     assert site.hook("kvm-ifdown", "tap0", env=env).returncode == 0
     assert site.host.snapshot() == before
 
@@ -140,7 +132,7 @@ def test_ifdown_after_the_tap_vanished(site: Site) -> None:
     site.host.ip("link", "del", "tap0")
     down = site.hook("kvm-ifdown", "tap0")
     assert down.returncode == 0 and down.stderr == ""
-    assert site.journals() == [] and site.tap_index() == []
+    assert journals(site.state) == [] and tap_index(site.state) == {}
 
 
 def test_ifdown_of_unknown_tap_is_a_no_op(site: Site) -> None:
@@ -173,32 +165,7 @@ def test_refusals_leave_the_tap_exactly_as_found(site: Site, case: str, expect: 
     assert result.returncode == 1
     assert expect in one_line(result.stderr)
     assert site.host.snapshot() == before
-    assert site.journals() == [] and site.tap_index() == []
-
-
-@pytest.mark.parametrize("step", [1, 2, 3, 4])
-def test_failed_step_rolls_back_everything(site: Site, step: int) -> None:
-    ready(site)
-    site.add_bridge("br1")
-    site.host.ip("link", "set", "tap0", "master", "br1")  # found attached elsewhere, down
-    before = site.host.snapshot()
-    result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT=f"fail-at:{step}"))
-    assert result.returncode == 1
-    assert "injected fault" in one_line(result.stderr)
-    assert site.host.snapshot() == before
-    assert site.host.link("tap0")["master"] == "br1"
-    assert site.journals() == [] and site.tap_index() == []
-
-
-@pytest.mark.parametrize("step", [1, 2, 3, 4])
-def test_killed_ifup_is_undone_by_ifdown(site: Site, step: int) -> None:
-    before = ready(site)
-    result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_TEST_FAULT=f"kill-after:{step}"))
-    assert result.returncode == -9
-    assert len(site.journals()) == 1
-    assert site.hook("kvm-ifdown", "tap0").returncode == 0
-    assert site.host.snapshot() == before
-    assert site.journals() == [] and site.tap_index() == []
+    assert journals(site.state) == [] and tap_index(site.state) == {}
 
 
 def test_killed_ifup_is_converged_by_the_next_ifup(site: Site) -> None:
@@ -210,11 +177,11 @@ def test_killed_ifup_is_converged_by_the_next_ifup(site: Site) -> None:
     assert killed.returncode == -9, (killed.returncode, killed.stderr)
     half = site.host.link("tap0")
     assert half["address"] == "fe" + mac[2:] and half.get("master") is None
-    [journal] = site.journals()
+    [journal] = journals(site.state)
     records = journal["records"]
     assert journal["state"] == "applying" and isinstance(records, list) and len(records) == 2
     assert site.hook("kvm-ifup", "tap0").returncode == 0
-    assert_plugged(site, "tap0", "br0", mac)
+    assert_bridge_port(site.host, "tap0", "br0", mac)
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
     assert site.host.snapshot() == before
 
@@ -229,15 +196,14 @@ def test_tap_name_reused_by_another_nic(site: Site) -> None:
     site.add_tap(guest_if="eth1")
     site.host.ip("link", "set", "tap0", "address", OTHER_TAP_MAC)
     mac = own_mac(site)
-    other = site.env(INTERFACE_UUID="0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c", LINK="br1",
-                     MAC="aa:00:00:44:55:66")
+    other = site.env(INTERFACE_UUID=OTHER_UUID, LINK="br1", MAC=OTHER_MAC)
     up = site.hook("kvm-ifup", "tap0", env=other)
     assert up.returncode == 0, up.stderr
-    assert_plugged(site, "tap0", "br1", mac)
-    [journal] = site.journals()
-    assert journal["key"] == "0c3b4ad5-1c9e-4b5e-9d1a-6f1f2f3e4d5c"
+    assert_bridge_port(site.host, "tap0", "br1", mac)
+    [journal] = journals(site.state)
+    assert journal["key"] == OTHER_UUID
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
-    assert site.journals() == []
+    assert journals(site.state) == []
 
 
 def test_status_reports_items(site: Site) -> None:
@@ -260,7 +226,7 @@ def test_plan_changes_nothing(site: Site) -> None:
     assert "attach tap0 to bridge br0" in plan.stdout and "MTU to 9000" in plan.stdout
     as_json = site.hook("nichooks", "plan", "--json", "tap0")
     assert '"step": "link.master"' in as_json.stdout
-    assert site.host.snapshot() == before and site.journals() == []
+    assert site.host.snapshot() == before and journals(site.state) == []
 
 
 def test_no_syslog_means_silence(site: Site, tmp_path: Path) -> None:
@@ -327,22 +293,12 @@ def test_syslog_gets_one_structured_line_per_step(site: Site, tmp_path: Path) ->
     assert site.host.snapshot() == before
 
 
-def write_script(site: Site, phase: str, name: str, body: str, mode: int = 0o755) -> Path:
-    directory = site.conf / f"if{phase}.d"
-    directory.mkdir(exist_ok=True)
-    directory.chmod(0o755)
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(mode)
-    return path
-
-
 def test_custom_scripts_get_the_nic_and_context(site: Site) -> None:
     before = ready(site)
     seen = site.state / "seen"
     body = f'echo "$ACTION $NICHOOKS_CONTEXT $1 $INTERFACE $MODE $LINK $INSTANCE [$TAGS]" >> {seen}'
-    write_script(site, "up", "10-record", body)
-    write_script(site, "down", "10-record", body)
+    write_script(site.conf / "ifup.d", "10-record", body)
+    write_script(site.conf / "ifdown.d", "10-record", body)
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     # QEMU's downscript passes no environment: the scripts still see the NIC's variables
     bare = site.env(INSTANCE=None, MAC=None, MODE=None, LINK=None, INTERFACE=None,
@@ -357,32 +313,32 @@ def test_custom_scripts_get_the_nic_and_context(site: Site) -> None:
 
 def test_failing_ifup_script_rolls_back(site: Site) -> None:
     before = ready(site)
-    write_script(site, "up", "50-fail", "echo 'firewall not ready' >&2; exit 4")
+    write_script(site.conf / "ifup.d", "50-fail", "echo 'firewall not ready' >&2; exit 4")
     result = site.hook("kvm-ifup", "tap0")
     assert result.returncode == 1
     line = one_line(result.stderr)
     assert "50-fail exited with status 4: firewall not ready" in line
-    assert site.host.snapshot() == before and site.journals() == []
+    assert site.host.snapshot() == before and journals(site.state) == []
 
 
 def test_unsafe_ifup_script_is_refused_and_rolls_back(site: Site) -> None:
     before = ready(site)
-    path = write_script(site, "up", "10-x", "true")
+    path = write_script(site.conf / "ifup.d", "10-x", "true")
     os.chown(path, 65534, 65534)
     result = site.hook("kvm-ifup", "tap0")
     assert result.returncode == 1
     assert "owned by uid 65534, not root" in one_line(result.stderr)
-    assert site.host.snapshot() == before and site.journals() == []
+    assert site.host.snapshot() == before and journals(site.state) == []
 
 
 def test_failing_ifdown_script_is_reported_not_fatal(site: Site) -> None:
     before = ready(site)
-    write_script(site, "down", "10-fail", "exit 9")
+    write_script(site.conf / "ifdown.d", "10-fail", "exit 9")
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     result = site.hook("kvm-ifdown", "tap0")
     assert result.returncode == 0
     assert "10-fail exited with status 9" in result.stderr
-    assert site.host.snapshot() == before and site.journals() == []
+    assert site.host.snapshot() == before and journals(site.state) == []
 
 
 @pytest.mark.parametrize("overrides,variable", [
@@ -396,7 +352,7 @@ def test_invalid_input_exits_2_and_changes_nothing(site: Site, overrides: dict[s
     assert result.returncode == 2
     assert one_line(result.stderr).startswith(f"nichooks: {variable}: ")
     assert site.host.snapshot() == before
-    assert not (site.state / "nics").exists() or site.journals() == []
+    assert journals(site.state) == []
 
 
 def test_bad_ifdown_context_is_invalid(site: Site) -> None:
@@ -405,34 +361,14 @@ def test_bad_ifdown_context_is_invalid(site: Site) -> None:
     assert result.returncode == 2 and "CONTEXT" in one_line(result.stderr)
 
 
-def test_lock_held_by_another_call_times_out_cleanly(site: Site) -> None:
-    from filelock import FileLock
-
-    before = ready(site)
-    locks = site.state / "locks"
-    locks.mkdir(parents=True)
-    holder = FileLock(str(locks / f"nic-{site.nic_uuid}.lock"))
-    holder.acquire()
-    try:
-        result = site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_LOCK_TIMEOUT="0.5"))
-    finally:
-        holder.release()
-    assert result.returncode == 1
-    line = one_line(result.stderr)
-    assert f"nic-{site.nic_uuid}" in line and "more than 0.5s" in line and "nothing was changed" in line
-    assert site.host.snapshot() == before
-    assert site.hook("kvm-ifup", "tap0").returncode == 0  # free again: it works
-    site.hook("kvm-ifdown", "tap0")
-
-
 def test_refused_ifup_keeps_the_earlier_plug(site: Site) -> None:
     """A hot-modify to a LINK that does not exist is refused before the old plug is
     undone: the NIC stays where it was, with its journal."""
     ready(site)
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     plugged = site.host.snapshot()
-    journal = site.journals()
+    journal = journals(site.state)
     result = site.hook("kvm-ifup", "tap0", env=site.env(LINK="br9"))
     assert result.returncode == 1 and "br9: no such device" in one_line(result.stderr)
-    assert site.host.snapshot() == plugged and site.journals() == journal
+    assert site.host.snapshot() == plugged and journals(site.state) == journal
     site.hook("kvm-ifdown", "tap0")

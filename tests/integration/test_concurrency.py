@@ -70,27 +70,25 @@ from tests.integration.concurrency_env import (
     in_ports,
     install_order_script,
     journal_cookie,
-    links_by_name,
     ovs_table,
     read_down_records,
-    read_journals,
-    read_tap_index,
     reset_order,
     run_together,
     vlan_columns,
     wait_until_polling_a_lock,
 )
 from tests.integration.ovs_env import Guest, Switch
-from tests.nstools import Netns, bin_path, hook_env, one_line
+from tests.support.constants import HAVE_OVS, NO_OVS
+from tests.support.hooks import bin_path, hook_env, one_line
+from tests.support.links import assert_bridge_port
+from tests.support.netns import Netns
+from tests.support.state import journal_path, journals, names_in, tap_index
 
 N = 32          # different NICs at once
 SAME = 8        # competing calls for one NIC
 # Rounds of the competing-calls scenarios (each round: every scenario once); more for
 # a soak run, e.g. NICHOOKS_STRESS_ROUNDS=10.
 ROUNDS = int(os.environ.get("NICHOOKS_STRESS_ROUNDS", "1"))
-
-HAVE_OVS = Path("/usr/sbin/ovs-vswitchd").exists()
-
 
 @dataclass
 class Nic:
@@ -145,9 +143,9 @@ def link_view(link: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def link_views(links: Netns | dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    """(MAC, MTU, master, up) of every link of a namespace (or of a links_by_name())."""
+    """(MAC, MTU, master, up) of every link of a namespace (or of a Netns.links())."""
     if isinstance(links, Netns):
-        links = links_by_name(links)
+        links = links.links()
     return {name: link_view(link) for name, link in links.items()}
 
 
@@ -155,28 +153,27 @@ def assert_bridged(site: Site, nics: list[Nic], where: dict[str, str | None],
                    before: dict[str, dict[str, Any]],
                    owners: dict[str, str] | None = None) -> None:
     """Each NIC's tap is plugged into `where[tap]` (master, MTU of that bridge, up,
-    MAC fe:…) with a journal saying the same (by the NIC's UUID, or `owners[tap]`),
-    or, for None, exactly as before with no journal. The bridges themselves are as
+    MAC fe + its own from `before` without the first octet) with a journal saying the
+    same (by the NIC's UUID, or `owners[tap]`), or, for None, exactly as before with no
+    journal. The bridges themselves are as
     before (a port with a smaller MTU would have lowered the bridge's)."""
-    links = links_by_name(site.host)
+    links = site.host.links()
     for br in BRIDGE_MTU:
         if br in before:
             assert link_view(links[br]) == link_view(before[br]), br
-    journals = assert_store_sound(site.state)
-    by_tap = {j["tap"]: j for j in journals.values()}
+    by_key = assert_store_sound(site.state)
+    by_tap = {j["tap"]: j for j in by_key.values()}
     for nic in nics:
         link, bridge = links[nic.tap], where[nic.tap]
         if bridge is None:
             assert link_view(link) == link_view(before[nic.tap]), nic.tap
             assert nic.tap not in by_tap, by_tap[nic.tap]
             continue
-        assert (link.get("master"), link["mtu"], "UP" in link["flags"]) == (
-            bridge, BRIDGE_MTU[bridge], True), (nic.tap, link_view(link))
-        assert link["address"].startswith("fe:"), (nic.tap, link["address"])
+        assert_bridge_port(links, nic.tap, bridge, own_mac=before[nic.tap]["address"])
         journal = by_tap[nic.tap]
         owner = (owners or {}).get(nic.tap, nic.uuid)
         assert (journal["key"], journal["link"], journal["mode"]) == (owner, bridge, "bridged")
-    assert len(journals) == sum(1 for b in where.values() if b is not None)
+    assert len(by_key) == sum(1 for b in where.values() if b is not None)
 
 
 def test_32_nics_on_two_bridges_at_once(site: Site) -> None:
@@ -187,7 +184,7 @@ def test_32_nics_on_two_bridges_at_once(site: Site) -> None:
     site.add_bridge("br1", mtu=BRIDGE_MTU["br1"])
     nics = make_nics(site.host, site.guest, N)
     before_snapshot = site.host.snapshot()
-    before = links_by_name(site.host)
+    before = site.host.links()
     home = {nic.tap: f"br{nic.index % 2}" for nic in nics}
     other = {"br0": "br1", "br1": "br0"}
 
@@ -216,7 +213,7 @@ def test_32_nics_on_two_bridges_at_once(site: Site) -> None:
                                     for n in nics], "bridged: 32 ifdowns")
     assert wave.failed() == []
     assert site.host.snapshot() == before_snapshot
-    assert read_journals(site.state) == {} and read_tap_index(site.state) == {}
+    assert journals(site.state) == [] and tap_index(site.state) == {}
     assert_store_sound(site.state)
 
 
@@ -499,8 +496,8 @@ def settle_round(order: Path, state: Path, rnd: Round, wave: Wave,
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(times)]
     FIGURES.append(f"  start-to-lock max {max(waits):.2f}s, between successive lock holders "
                    f"median {statistics.median(gaps):.2f}s")
-    journals = assert_store_sound(state)
-    seen = {j["tap"]: (j["instance"], j["key"]) for j in journals.values()}
+    by_key = assert_store_sound(state)
+    seen = {j["tap"]: (j["instance"], j["key"]) for j in by_key.values()}
     if trail is None:
         model = dict(rnd.initial)
         for label in held:
@@ -511,7 +508,7 @@ def settle_round(order: Path, state: Path, rnd: Round, wave: Wave,
         explanation = assert_trail_explained(rnd, trail, read_down_records(order), seen)
         FIGURES.append(f"  {rnd.scenario}: " + " -> ".join(explanation.story))
     configs = {**{c.label: c for c in rnd.initial.values()}, **rnd.configs}
-    return {j["tap"]: (configs[j["instance"]], j) for j in journals.values()}
+    return {j["tap"]: (configs[j["instance"]], j) for j in by_key.values()}
 
 
 def play_round(ns: Netns, order: Path, state: Path, rnd: Round, name: str
@@ -524,8 +521,8 @@ def play_round(ns: Netns, order: Path, state: Path, rnd: Round, name: str
     if rnd.first:
         alone = run_together(ns, rnd.first, f"{name}: the plug the round starts from")
         assert alone.failed() == []
-        journals = assert_store_sound(state)
-        assert {j["tap"]: (j["instance"], j["key"]) for j in journals.values()} == \
+        by_key = assert_store_sound(state)
+        assert {j["tap"]: (j["instance"], j["key"]) for j in by_key.values()} == \
             plug_views(rnd.initial)
     reset_order(order)
     if not rnd.downs:
@@ -564,7 +561,7 @@ def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
         site.add_bridge(bridge, mtu=mtu)
     nics = make_nics(site.host, site.guest, 2)
     before = site.host.snapshot()
-    before_links = links_by_name(site.host)
+    before_links = site.host.links()
     # References: the whole host as a lone ifup of the first tap to each bridge leaves it.
     ref: dict[str, dict[str, Any]] = {}
     for bridge in BRIDGE_MTU:
@@ -601,7 +598,7 @@ def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
         down = site.hook("kvm-ifdown", nic.tap, env=hook_env(site.state, site.conf))
         assert down.returncode == 0 and down.stderr == "", down.stderr
     assert site.host.snapshot() == before
-    assert read_journals(site.state) == {} and read_tap_index(site.state) == {}
+    assert journals(site.state) == [] and tap_index(site.state) == {}
 
 
 # -- a lock held too long ------------------------------------------------------------------------
@@ -619,8 +616,9 @@ def test_lock_wait_times_out_with_one_line(site: Site) -> None:
     before = site.host.snapshot()
     assert site.hook("kvm-ifup", plugged.tap, env=bridged_env(site, plugged, "br0")).returncode == 0
     state = site.host.snapshot()
-    [journal_path] = (site.state / "nics").iterdir()
-    journal_bytes = journal_path.read_bytes()
+    [journal] = journals(site.state)
+    journal_file = journal_path(site.state, journal["key"])
+    journal_bytes = journal_file.read_bytes()
 
     held = [f"nic-{plugged.uuid}", f"tap-{free.tap}"]
     # A waiter can also time out on its NIC's other lock, held by a competing call of
@@ -654,8 +652,8 @@ def test_lock_wait_times_out_with_one_line(site: Site) -> None:
         assert 0.5 <= call.seconds < 10, call
     FIGURES.append(f"  the lines named {len(named)} locks: {sorted(named)}")
     assert site.host.snapshot() == state
-    assert [p.name for p in (site.state / "nics").iterdir()] == [journal_path.name]
-    assert journal_path.read_bytes() == journal_bytes
+    assert names_in(site.state, "nics") == [journal_file.name]
+    assert journal_file.read_bytes() == journal_bytes
     assert_store_sound(site.state)
 
     again = run_together(site.host, [ifup("free", free.tap, bridged_env(site, free, "br1")),
@@ -696,17 +694,17 @@ def test_stale_ifdown_of_the_old_tap_keeps_the_new_plug(site: Site) -> None:
         moved = site.hook("kvm-ifup", new.tap,
                           env={**bridged_env(site, nic, "br0"), "INTERFACE": new.tap})
         assert moved.returncode == 0, moved.stderr
-        assert links_by_name(site.host)[new.tap].get("master") == "br0"
+        assert site.host.links()[new.tap].get("master") == "br0"
     finally:
         if holder.is_locked:
             holder.release()
         os.kill(downscript.pid, signal.SIGCONT)
         _, err = downscript.communicate(timeout=30)
     assert downscript.returncode == 0 and err == "", err
-    journals = assert_store_sound(site.state)
-    assert [(j["key"], j["tap"]) for j in journals.values()] == [(nic.uuid, new.tap)], \
+    by_key = assert_store_sound(site.state)
+    assert [(j["key"], j["tap"]) for j in by_key.values()] == [(nic.uuid, new.tap)], \
         "the stale ifdown of the old tap undid the NIC's new plug"
-    link = links_by_name(site.host)[new.tap]
+    link = site.host.links()[new.tap]
     assert (link.get("master"), "UP" in link["flags"]) == ("br0", True)
 
 
@@ -716,7 +714,7 @@ def ovs(netns: Netns, tmp_path: Path) -> Iterator[tuple[Switch, Netns]]:
     """A private switch (bridge br0, userspace datapath) in the host namespace `netns`,
     and a guest namespace for the veth peers."""
     if not HAVE_OVS:
-        pytest.skip("openvswitch-switch is not installed")
+        pytest.skip(NO_OVS)
     sw = Switch(netns, tmp_path)
     guest = Netns()
     try:
@@ -758,9 +756,9 @@ def assert_ovs(sw: Switch, dirs: tuple[Path, Path], nics: list[Nic],
     ports = ovs_table(sw, "Port", "tag", "trunks", "vlan_mode", "external_ids")
     ifaces = ovs_table(sw, "Interface", "ofport", "mtu_request", "external_ids")
     flows = flows_by_cookie(sw, "br0")
-    links = links_by_name(sw.host)
-    journals = assert_store_sound(dirs[0])
-    by_tap = {j["tap"]: j for j in journals.values()}
+    links = sw.host.links()
+    by_key = assert_store_sound(dirs[0])
+    by_tap = {j["tap"]: j for j in by_key.values()}
     assert set(by_tap) == plugged
     cookies = set()
     for nic in nics:
@@ -795,7 +793,7 @@ def test_32_nics_on_one_ovs_bridge_at_once(ovs: tuple[Switch, Netns],
     after each wave, and at the end there is no port, no flow of ours, no journal."""
     sw, guest = ovs
     nics = make_nics(sw.host, guest, N)
-    before = links_by_name(sw.host)
+    before = sw.host.links()
     specs = list(OVS_VLANS)
     first = {n.tap: specs[n.index % len(specs)] for n in nics}
 
@@ -824,7 +822,7 @@ def test_32_nics_on_one_ovs_bridge_at_once(ovs: tuple[Switch, Netns],
     assert_ovs(sw, dirs, nics, dict.fromkeys(first), before)
     assert sw.ports("br0") == set() and sw.our_flows("br0") == []
     assert link_views(sw.host) == link_views(before)
-    assert read_journals(dirs[0]) == {} and read_tap_index(dirs[0]) == {}
+    assert journals(dirs[0]) == [] and tap_index(dirs[0]) == {}
 
 
 def ovs_kind(kind: str) -> dict[str, str]:
@@ -847,7 +845,7 @@ def assert_ovs_plugged(sw: Switch, nics: list[Nic],
     ifaces = ovs_table(sw, "Interface", "ofport", "mtu_request", "external_ids")
     flows = flows_by_cookie(sw, "br0")
     assert set(flows) == {journal_cookie(j) for _, j in plugged.values()}, sorted(flows)
-    links = links_by_name(sw.host)
+    links = sw.host.links()
     for nic in nics:
         if nic.tap not in plugged:
             assert link_view(links[nic.tap]) == link_view(before[nic.tap])
@@ -892,7 +890,7 @@ def test_8_competing_calls_for_one_nic_ovs(ovs: tuple[Switch, Netns],
     moved off."""
     sw, guest = ovs
     nics = make_nics(sw.host, guest, 2)
-    before = links_by_name(sw.host)
+    before = sw.host.links()
     order = install_order_script(*dirs)
     kinds = [str(k) for k in range(SAME)]
 
@@ -922,4 +920,4 @@ def test_8_competing_calls_for_one_nic_ovs(ovs: tuple[Switch, Netns],
         assert down.returncode == 0 and down.stderr == "", down.stderr
     assert sw.ports("br0") == set() and sw.our_flows("br0") == []
     assert link_views(sw.host) == link_views(before)
-    assert read_journals(dirs[0]) == {} and read_tap_index(dirs[0]) == {}
+    assert journals(dirs[0]) == [] and tap_index(dirs[0]) == {}

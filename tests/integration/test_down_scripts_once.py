@@ -4,14 +4,14 @@ device gone, or kvm-ifdown; a later kvm-ifdown says it found nothing and runs no
 from __future__ import annotations
 
 from tests.integration.bridged_env import Site
-from tests.nstools import bin_path
+from tests.support.hooks import bin_path
+from tests.support.scripts import write_script
+from tests.support.state import journals
 
 
 def record_script(site: Site) -> None:
-    script = site.conf / "ifdown.d" / "10-record"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\necho \"$NICHOOKS_CONTEXT $1 $INSTANCE\" >> {site.conf}/ran\n")
-    script.chmod(0o755)
+    write_script(site.conf / "ifdown.d", "10-record",
+                 f'echo "$NICHOOKS_CONTEXT $1 $INSTANCE" >> {site.conf}/ran')
 
 
 def ran(site: Site) -> list[str]:
@@ -28,7 +28,7 @@ def test_ifdown_after_a_sweep_undid_the_vanished_tap_runs_no_scripts(site: Site)
     r = site.host.run(bin_path("nichooks"), "sweep", env=site.env(), check=False)
     assert r.returncode == 0, r.stderr
     assert ran(site) == ["vanished tap0 inst1.example.org"]
-    assert site.journals() == []
+    assert journals(site.state) == []
     r = site.hook("kvm-ifdown", "-v", "tap0")
     assert r.returncode == 0, r.stderr
     assert "already torn down" in r.stderr

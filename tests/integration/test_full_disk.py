@@ -18,7 +18,9 @@ import pytest
 
 from nichooks.journal import Journal
 from tests.integration.bridged_env import Site
-from tests.nstools import one_line
+from tests.support.hooks import one_line
+from tests.support.scripts import write_script
+from tests.support.state import journals
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -71,8 +73,8 @@ def test_journal_write_that_runs_out_of_space_rolls_back(small_site: Site) -> No
     # of step 1 exactly fills one page and that of step 2 needs a second one.
     r = site.hook("kvm-ifup")
     assert r.returncode == 0, r.stderr
-    (data,) = site.journals()
-    assert len(data["records"]) >= 2  # type: ignore[arg-type]
+    (data,) = journals(site.state)
+    assert len(data["records"]) >= 2
     pad = PAGE - journal_size(data, 1)
     assert site.hook("kvm-ifdown").returncode == 0
     assert site.host.snapshot() == before
@@ -93,20 +95,17 @@ def test_journal_write_that_runs_out_of_space_rolls_back(small_site: Site) -> No
 def test_disk_filled_by_an_ifup_script_still_records_the_plug(small_site: Site) -> None:
     site = small_site
     before = site.host.snapshot()
-    script = site.conf / "ifup.d" / "50-fill"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\ncat /dev/zero > {site.state}/filler 2>/dev/null\nexit 0\n")
-    script.chmod(0o755)
+    write_script(site.conf / "ifup.d", "50-fill", f"cat /dev/zero > {site.state}/filler 2>/dev/null\nexit 0")
     r = site.hook("kvm-ifup")
     assert r.returncode == 0, r.stderr
     # full when the journal was renamed into place: only the page of the journal it
     # replaced is free now
     assert os.statvfs(site.state).f_bavail == 1
-    (data,) = site.journals()
+    (data,) = journals(site.state)
     assert data["state"] == "applied"
     assert site.host.link("tap0").get("master") == "br0"
     assert [p.name for p in (site.state / "tmp").iterdir()] == []
     r = site.hook("kvm-ifdown")
     assert r.returncode == 0, r.stderr
     assert site.host.snapshot() == before
-    assert site.journals() == []
+    assert journals(site.state) == []

@@ -65,7 +65,10 @@ from hypothesis import strategies as st
 from tests.integration import hostile_runner
 from tests.integration.hostile_runner import Outcome, preload, run_case
 from tests.integration.ovs_env import Switch
-from tests.nstools import Netns, require_root
+from tests.support.constants import HAVE_OVS, NO_OVS
+from tests.support.netns import Netns, require_root
+from tests.support.scripts import write_script
+from tests.support.state import names_in
 
 # -- budget ---------------------------------------------------------------------------
 N_ENV = 200          # hostile values for 1-3 of every variable/setting, ifup/ifdown/plan
@@ -425,14 +428,6 @@ def subject(line: str) -> str:
     return found.group(1)
 
 
-def journals(state: Path) -> list[str]:
-    return sorted(p.name for p in (state / "nics").glob("*")) if (state / "nics").is_dir() else []
-
-
-def tap_index(state: Path) -> list[str]:
-    return sorted(p.name for p in (state / "taps").glob("*")) if (state / "taps").is_dir() else []
-
-
 # -- 1. every variable and setting ------------------------------------------------------
 @settings(max_examples=N_ENV, **COMMON)
 @given(mode=st.sampled_from(["bridged", "openvswitch", "routed"]),
@@ -462,7 +457,7 @@ def test_hostile_environment(base_dir: Path, mode: str, changes: dict[str, str],
             assert named in set(changes) | ARG_SUBJECTS | dependents | {"INTERFACE"} \
                 or named.startswith("/"), f"{named!r} for {changes!r}"
         if outcome.rc != 0 and entry != "ifdown":
-            assert journals(sandbox.state_dir(env)) == [], "a refused ifup left a journal"
+            assert names_in(sandbox.state_dir(env), "nics") == [], "a refused ifup left a journal"
 
 
 # -- 2. spec files (plain QEMU) ------------------------------------------------------------
@@ -521,7 +516,7 @@ def test_hostile_spec_file(base_dir: Path, spec: bytes, entry: str) -> None:
         if outcome.rc == 2:
             named = subject(outcome.error_lines()[0])
             assert named.startswith(str(path)) or named in GANETI_NAMES, named
-        assert journals(box.state) == [] or outcome.rc == 0
+        assert names_in(box.state, "nics") == [] or outcome.rc == 0
 
 
 # -- 3. the settings file ----------------------------------------------------------------------
@@ -1036,13 +1031,13 @@ def test_hostile_calls_on_a_real_bridge(plumbed: NetnsRunner, base_dir: Path, ki
                 assert all(ln.startswith("nichooks: warning: ") for ln in down.error_lines()), where
             else:
                 assert down.rc == 0 and down.stderr == "", down.stderr + where
-                assert journals(box.state) == [], journals(box.state)
+                assert names_in(box.state, "nics") == [], names_in(box.state, "nics")
         else:
             assert outcome.rc in (1, 2), where
             lines = outcome.error_lines()
             assert len(lines) == 1 and lines[0].startswith("nichooks: "), where
             if kind != "journal":
-                assert journals(state) == [], "a refused ifup left a journal" + where
+                assert names_in(state, "nics") == [], "a refused ifup left a journal" + where
         after = ns.snapshot()
         assert after == before, f"the namespace changed (exit {outcome.rc})" + where
     finally:
@@ -1299,8 +1294,8 @@ def _build_openvswitch(ns: Netns, root: Path) -> Switch:
     """A private ovsdb-server and ovs-vswitchd in the namespace, OVS bridge br0 (its MTU
     pinned, as an operator's is: otherwise OVS lowers it to its smallest port's), the
     veth tap0 (peer tap0p, up) and a Linux bridge lbr0."""
-    if shutil.which("ovs-vswitchd") is None:
-        pytest.skip("Open vSwitch is not installed")
+    if not HAVE_OVS:
+        pytest.skip(NO_OVS)
     switch = Switch(ns, root)
     try:
         switch.start()
@@ -1338,7 +1333,7 @@ def _journaled(state: Path) -> list[str]:
     """Journals and tap index entries under `state`; none where no directory can be (a
     state directory setting the hook refused: too long, not a directory)."""
     try:
-        return journals(state) + tap_index(state)
+        return names_in(state, "nics") + names_in(state, "taps")
     except OSError:
         return []
 
@@ -1566,9 +1561,10 @@ def _check_after(expect: WrongKind, box: Box, before: dict[str, tuple[Any, ...]]
     if expect.after == "unchanged":  # invalid input changes nothing, not even the state dir
         assert _tree(state, ()) == before, "the state directory changed"
     elif expect.after == "nothing journaled":
-        assert journals(state) == [] and tap_index(state) == [], (journals(state), tap_index(state))
+        journaled = (names_in(state, "nics"), names_in(state, "taps"))
+        assert journaled == ([], []), journaled
     elif expect.after == "no journal":  # rolled back; what was in the way stays in the way
-        assert journals(state) == [], journals(state)
+        assert names_in(state, "nics") == [], names_in(state, "nics")
         assert stat.S_ISDIR(os.lstat(state / "taps" / TAP).st_mode)
     elif expect.after.startswith("plugged"):
         journal_path = state / "nics" / f"{KEY}.json"
@@ -1721,11 +1717,7 @@ def test_journal_variables_reach_scripts_only_as_ganeti_variables(
         base_dir: Path, variables: dict[str, str]) -> None:
     sandbox = Sandbox(base_dir)
     with sandbox as box:
-        scripts = box.conf / "ifdown.d"
-        scripts.mkdir(mode=0o755)
-        script = scripts / "10-path"
-        script.write_text(f'#!/bin/sh\necho "$PATH" > {box.state}/seen-path\n')
-        script.chmod(0o755)
+        write_script(box.conf / "ifdown.d", "10-path", f'echo "$PATH" > {box.state}/seen-path')
         box.write(f"state/nics/{KEY}.json", json.dumps(_journal(records=[], variables=variables)))
         box.write(f"state/taps/{TAP}", KEY)
         env = box.env()

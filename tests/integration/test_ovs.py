@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import packets as pk
 from tests.integration.ovs_env import (
-    Capture,
     Guest,
     Switch,
     control_frame,
@@ -24,12 +22,14 @@ from tests.integration.ovs_env import (
     send_control_from_bridge,
     send_frames,
 )
-from tests.nstools import Netns, one_line
+from tests.support import packets as pk
+from tests.support.constants import HAVE_OVS, NO_OVS
+from tests.support.frames import Listener
+from tests.support.hooks import one_line
+from tests.support.netns import Netns
+from tests.support.state import journals, names_in
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ovs-vswitchd").exists(),
-                                reason="openvswitch-switch is not installed")
-
-
+pytestmark = pytest.mark.skipif(not HAVE_OVS, reason=NO_OVS)
 
 
 def plug(sw: Switch, dirs: tuple[Path, Path], guest: Guest, **env: str) -> str:
@@ -82,7 +82,7 @@ def test_vlan_spec_becomes_port_columns(switch: Switch, dirs: tuple[Path, Path],
     assert switch.ports("br0") == set()
     assert switch.our_flows("br0") == []
     assert host_links(switch) == before
-    assert list((dirs[0] / "nics").glob("*")) == []
+    assert names_in(dirs[0], "nics") == []
 
 
 def test_mtu_request_follows_the_bridge_or_the_setting(switch: Switch, dirs: tuple[Path, Path]) -> None:
@@ -126,7 +126,7 @@ def test_trunk_port_carries_only_its_trunks(switch: Switch, dirs: tuple[Path, Pa
 
     # Each access guest broadcasts one frame: the trunk sees it tagged with the
     # guest's VLAN, and only for its trunks.
-    with Capture(trunk) as at_trunk, Capture(switch.host, "br0") as at_bridge:
+    with trunk.listen() as at_trunk, Listener(switch.host.name, "br0") as at_bridge:
         for vid, guest in access.items():
             assert guest.ip4 is not None
             frame = pk.ethernet(pk.BROADCAST, guest.mac, 0x0800,
@@ -145,7 +145,7 @@ def test_trunk_port_carries_only_its_trunks(switch: Switch, dirs: tuple[Path, Pa
     # The trunk guest sends tagged frames: VLAN 100 reaches the VLAN-100 guest,
     # untagged; VLAN 300 is not one of its trunks and reaches nobody.
     with ExitStack() as stack:
-        captures = {vid: stack.enter_context(Capture(guest)) for vid, guest in access.items()}
+        captures = {vid: stack.enter_context(guest.listen()) for vid, guest in access.items()}
         send_frames(trunk, [
             pk.ethernet(pk.BROADCAST, trunk.mac, 0x0800,
                         pk.udp4("10.0.1.9", "10.0.1.255", 9, 9, b"NH-down-100"), vid=100),
@@ -170,7 +170,7 @@ def test_port_without_vlan_drops_tagged_frames_from_the_guest(
     plug(switch, dirs, b)
     payload = pk.udp4("10.0.0.1", "10.0.0.2", 9, 9, b"NH-tagged")
     control, token = control_frame(a, b.mac)  # the same, untagged: it arrives
-    with Capture(b) as capture:
+    with b.listen() as capture:
         send_frames(a, [pk.ethernet(b.mac, a.mac, 0x0800, payload, vid=100), control])
         assert capture.received(b"NH-tagged", before=token) == []
 
@@ -205,7 +205,7 @@ def test_forged_frames_never_arrive(switch: Switch, dirs: tuple[Path, Path]) -> 
         return pk.ethernet(pk.BROADCAST, a.mac, 0x86DD, pk.neighbour_advert(marker_src, target, a.mac))
 
     control, token = control_frame(a, b.mac)  # last: everything before it was dealt with
-    with Capture(b) as capture:
+    with b.listen() as capture:
         send_frames(a, [
             udp(a.mac, "10.0.0.1", b"NH-honest"),
             udp(forged, "10.0.0.1", b"NH-forged-mac"),
@@ -266,7 +266,7 @@ def test_mac_only_mode_and_off(switch: Switch, dirs: tuple[Path, Path]) -> None:
     assert not [f for f in switch.our_flows("br0")
                 if f"in_port={switch.row('Interface', 'tapb', 'ofport')['ofport']} " in f + " "]
     control, token = control_frame(a, b.mac)
-    with Capture(b) as capture:
+    with b.listen() as capture:
         send_frames(a, [
             pk.ethernet(b.mac, a.mac, 0x0800, pk.udp4("10.0.0.9", "10.0.0.2", 9, 9, b"NH-other-ip")),
             pk.ethernet(b.mac, "52:54:00:99:99:99", 0x0800,
@@ -324,7 +324,7 @@ def test_failed_flow_step_rolls_back_everything(switch: Switch, dirs: tuple[Path
     assert switch.ports("br0") == set()
     assert switch.our_flows("br0") == []
     assert host_links(switch) == before
-    assert list((dirs[0] / "nics").glob("*")) == []
+    assert names_in(dirs[0], "nics") == []
 
 
 def test_crash_after_the_port_is_cleaned_by_the_next_ifup(switch: Switch, dirs: tuple[Path, Path]) -> None:
@@ -333,7 +333,7 @@ def test_crash_after_the_port_is_cleaned_by_the_next_ifup(switch: Switch, dirs: 
     assert r.returncode == -9, (r.returncode, r.stderr)  # SIGKILLed: `ip netns exec` execs the hook
     assert switch.ports("br0") == {"tapa"}
     assert switch.our_flows("br0") == []  # killed before step 4, the flows
-    [journal] = [json.loads(p.read_text()) for p in (dirs[0] / "nics").glob("*.json")]
+    [journal] = journals(dirs[0])
     assert journal["state"] == "applying"
     plug(switch, dirs, a, VLAN=".300")
     assert switch.row("Port", "tapa", "tag")["tag"] == 300
@@ -401,7 +401,7 @@ def test_unreachable_ovsdb_fails_fast_and_cleanly(switch: Switch, dirs: tuple[Pa
     finally:
         listener.close()
     assert host_links(switch) == before
-    assert list((dirs[0] / "nics").glob("*")) == []
+    assert names_in(dirs[0], "nics") == []
 
 
 def test_vswitchd_that_never_applies_is_an_error_and_rolled_back(
@@ -504,7 +504,7 @@ def test_hybrid_port_cannot_bypass_the_checks_by_tagging(switch: Switch, dirs: t
     # the same port has been dealt with when it arrives.
     control100, token100 = control_frame(h, v100.mac)
     control200, token200 = control_frame(h, v200.mac, vid=200)
-    with Capture(v100) as c100, Capture(v200) as c200:
+    with v100.listen() as c100, v200.listen() as c200:
         send_frames(h, [
             udp(v100, "10.0.1.1", b"NH-native-honest", None),
             udp(v100, "10.0.1.66", b"NH-native-forged-tag100", 100),

@@ -7,8 +7,6 @@ qemu_harness.py for the QEMU 7.2 facts this test relies on).
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import time
 from pathlib import Path
@@ -17,7 +15,10 @@ from typing import Any
 import pytest
 
 from tests.integration.qemu_harness import Nic, QemuVM, qemu_binary, report_qemu_accel
-from tests.nstools import Netns, bin_path, hook_env
+from tests.support.hooks import bin_path, hook_env
+from tests.support.links import assert_bridge_port
+from tests.support.netns import Netns
+from tests.support.state import journal_path, journals, names_in
 
 pytestmark = pytest.mark.skipif(qemu_binary() is None,
                                 reason="qemu-system-x86_64 is not installed on this machine")
@@ -63,15 +64,6 @@ def write_spec(state: Path, nic: Nic, bridge: str, uuid: str | None) -> None:
     (specs / nic.tap).write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in spec.items()))
 
 
-def journals(state: Path) -> list[Path]:
-    return sorted((state / "nics").glob("*.json"))
-
-
-def nics_dir_entries(state: Path) -> list[str]:
-    d = state / "nics"
-    return sorted(os.listdir(d)) if d.exists() else []
-
-
 def taps(ns: Netns) -> list[str]:
     return [link["ifname"] for link in ns.ipj("-d", "link", "show")
             if link.get("linkinfo", {}).get("info_kind") == "tun"]
@@ -79,14 +71,6 @@ def taps(ns: Netns) -> list[str]:
 
 def ports(ns: Netns, bridge: str) -> list[str]:
     return [link["ifname"] for link in ns.ipj("link", "show", "master", bridge)]
-
-
-def assert_bridged(ns: Netns, tap: str, bridge: str) -> None:
-    link, br = ns.link(tap), ns.link(bridge)
-    assert link.get("master") == bridge, f"{tap}: master {link.get('master')}, want {bridge}"
-    assert "UP" in link["flags"], f"{tap} is not up: {link['flags']}"
-    assert link["address"].startswith("fe:"), f"{tap}: MAC {link['address']} must start with fe"
-    assert link["mtu"] == br["mtu"], f"{tap}: MTU {link['mtu']}, bridge {bridge} has {br['mtu']}"
 
 
 def snapshot_diff(before: Any, after: Any, path: str = "") -> list[str]:
@@ -132,20 +116,18 @@ def test_qemu_start_hotplug_unplug_quit(netns: Netns, dirs: tuple[Path, Path]) -
         with vm:
             # -- start: the monitor answers only after every script= succeeded
             for nic, bridge, _ in START_NICS:
-                assert_bridged(netns, nic.tap, bridge)
-            assert len(journals(state)) == len(START_NICS), nics_dir_entries(state)
-            for path in journals(state):
-                json.loads(path.read_text())
-            assert (state / "nics" / f"{START_NICS[0][2]}.json").exists()
+                assert_bridge_port(netns, nic.tap, bridge)
+            assert len(journals(state)) == len(START_NICS), names_in(state, "nics")
+            assert journal_path(state, str(START_NICS[0][2])).exists()
             assert sorted(ports(netns, "br-a")) == ["tapq0"]
             assert sorted(ports(netns, "br-b")) == ["tapq1"]
             assert hook_errors(vm.log()) == []
 
             # -- hot-plug: netdev_add runs script= (its failure would be the QMP error)
             hot, hot_bridge, hot_uuid = HOT_NIC
-            hot_journal = state / "nics" / f"{hot_uuid}.json"
+            hot_journal = journal_path(state, hot_uuid)
             vm.hotplug(hot)
-            assert_bridged(netns, hot.tap, hot_bridge)
+            assert_bridge_port(netns, hot.tap, hot_bridge)
             assert sorted(ports(netns, "br-a")) == ["tapq0", "tapq2"]
             assert hot_journal.exists()
             assert len(journals(state)) == 3
@@ -162,7 +144,7 @@ def test_qemu_start_hotplug_unplug_quit(netns: Netns, dirs: tuple[Path, Path]) -
                 peripherals = {p["name"] for p in vm.qmp.execute(
                     "qom-list", path="/machine/peripheral")}
                 assert hot.device in peripherals
-            assert_bridged(netns, hot.tap, hot_bridge)
+            assert_bridge_port(netns, hot.tap, hot_bridge)
             assert hot_journal.exists()
 
             # -- hot-unplug, step 2: netdev_del runs downscript= and closes the tap
@@ -174,9 +156,9 @@ def test_qemu_start_hotplug_unplug_quit(netns: Netns, dirs: tuple[Path, Path]) -
             if netns.has_link(hot.tap):  # only a persistent tap would survive
                 assert netns.link(hot.tap).get("master") is None
             assert not hot_journal.exists()
-            assert len(journals(state)) == len(START_NICS), nics_dir_entries(state)
+            assert len(journals(state)) == len(START_NICS), names_in(state, "nics")
             for nic, bridge, _ in START_NICS:  # the others are untouched
-                assert_bridged(netns, nic.tap, bridge)
+                assert_bridge_port(netns, nic.tap, bridge)
 
             # -- quit: QEMU runs the downscript of every tap still open
             assert vm.quit() == 0
@@ -185,7 +167,7 @@ def test_qemu_start_hotplug_unplug_quit(netns: Netns, dirs: tuple[Path, Path]) -
 
         assert taps(netns) == []
         assert ports(netns, "br-a") == [] and ports(netns, "br-b") == []
-        assert nics_dir_entries(state) == []
+        assert names_in(state, "nics") == []
         after = netns.snapshot()
         assert after == before, snapshot_diff(before, after)
         assert hook_errors(vm.log()) == [], vm.log()

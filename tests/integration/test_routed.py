@@ -17,31 +17,30 @@ from typing import Any
 
 import pytest
 
-from tests.integration.frames import DEADLINE
 from tests.integration.routed_env import (
     GLOBAL_READY,
     GUEST4,
     GUEST6,
-    GUEST_MAC,
     GW6,
     OTHER4,
     OTHER6,
-    OTHER_MAC,
     PRIORITY,
     PROTO,
     SUBNET6,
     TABLE,
-    Announcement,
     Guest,
     Host,
     World,
     assert_ping,
-    capture,
-    eui64,
     make_world,
     tap_sysctl_keys,
 )
-from tests.nstools import bin_path, hook_env, one_line, require_root, wait_for
+from tests.support.constants import GUEST_MAC, OTHER_MAC
+from tests.support.frames import DEADLINE, Heard, capture_announcements
+from tests.support.hooks import bin_path, hook_env, one_line, wait_for
+from tests.support.netns import require_root
+from tests.support.packets import Announcement, announcements, eui64
+from tests.support.state import journal_path, journals
 
 
 @pytest.fixture
@@ -113,7 +112,7 @@ def assert_unplugged(host: Host) -> None:
         ours = [r for r in host.ns.ipj(fam, "route", "show", "table", "all") if r.get("protocol") == PROTO]
         assert ours == []
         assert [p for p in host.proxies(fam) if p.get("protocol") == PROTO] == []
-    assert host.journals() == []
+    assert journals(host.state) == []
 
 
 def assert_router_via(world: World, host: Host, *addrs: str) -> None:
@@ -122,11 +121,12 @@ def assert_router_via(world: World, host: Host, *addrs: str) -> None:
             f"router reaches {addr} via {world.router_neigh(addr)}, not {host.name}-up ({host.mac})")
 
 
-def guest_announcements(got: list[Announcement], *addrs: str) -> list[Announcement]:
-    return [a for a in got if a.addr in addrs]
+def guest_announcements(heard: Heard, *addrs: str) -> list[Announcement]:
+    return [a for a in announcements(heard.frames) if a.addr in addrs]
 
 
-def assert_announced(got: list[Announcement], host: Host, addr4: str | None, addr6: str | None) -> None:
+def assert_announced(heard: Heard, host: Host, addr4: str | None, addr6: str | None) -> None:
+    got = announcements(heard.frames)
     mine = [a for a in got if a.src_mac == host.mac]
     if addr4:
         kinds = {a.kind for a in mine if a.addr == addr4}
@@ -157,13 +157,13 @@ def test_router_and_guest_reach_each_other_through_host_a(world: World) -> None:
     guest = world.plug(a)
     a.set_sysctl("net.ipv4.conf.tap0.forwarding", "0")  # so its restoration shows
     before, tap_before = a.ns.snapshot(), a.sysctls(tap_sysctl_keys("tap0"))
-    with capture(world.router, "pa", sender=(a.ns, a.uplink)) as heard:
+    with capture_announcements(world.router.name, "pa", sender=(a.ns.name, a.uplink)) as heard:
         up = world.ifup(a, guest)
         assert up.returncode == 0, up.stderr
         assert up.stderr == ""
-    assert_announced(heard.got, a, GUEST4, GUEST6)
+    assert_announced(heard, a, GUEST4, GUEST6)
     assert_plugged(a, guest)
-    assert len(a.journals()) == 1
+    assert len(journals(a.state)) == 1
 
     assert_ping(world.router, GUEST4)   # proxy ARP on a-up, host route to tap0
     assert_ping(world.router, GUEST6)   # proxy NDP entry on a-up
@@ -200,11 +200,11 @@ def test_migration_moves_the_router_at_once_and_leaves_a_clean(world: World, pha
     # The guest stops on A and continues on B: same MAC, same addresses, same NIC.
     a.ns.ip("link", "del", "tap0")
     moved = world.plug(b, guest.ns, nic_uuid=guest.nic_uuid)
-    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
+    with capture_announcements(world.router.name, "pb", sender=(b.ns.name, b.uplink)) as heard:
         up = world.ifup(b, moved, MIGRATION_PHASE=phase)
         assert up.returncode == 0, up.stderr
         assert up.stderr == ""
-    assert_announced(heard.got, b, GUEST4, GUEST6)
+    assert_announced(heard, b, GUEST4, GUEST6)
     # Right after ifup, before the guest said anything (and with nothing sent to it): the
     # announcements, which the router has taken by now, did it.
     world.wait_router_points_at(GUEST4, b.mac, timeout=DEADLINE)
@@ -270,10 +270,10 @@ def test_migration_target_waits_for_switchover(world: World, switchover: str) ->
     assert_router_via(world, a, GUEST4, GUEST6)
 
     incoming = world.plug(b, nic_uuid=guest.nic_uuid)  # the incoming copy, paused
-    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
+    with capture_announcements(world.router.name, "pb", sender=(b.ns.name, b.uplink)) as heard:
         pre = world.ifup(b, incoming, MIGRATION_PHASE="pre")
         assert pre.returncode == 0, pre.stderr
-    assert guest_announcements(heard.got, GUEST4, GUEST6) == []
+    assert guest_announcements(heard, GUEST4, GUEST6) == []
     assert_plugged(b, incoming, uplinks=False)
     assert b.proxies("-4", b.uplink) == [] and b.proxies("-6", b.uplink) == []
     assert_router_via(world, a, GUEST4, GUEST6)
@@ -282,13 +282,13 @@ def test_migration_target_waits_for_switchover(world: World, switchover: str) ->
     assert_router_via(world, a, GUEST4, GUEST6)
 
     a.ns.ip("link", "del", "tap0")  # switchover: the source's guest is gone
-    with capture(world.router, "pb", sender=(b.ns, b.uplink)) as heard:
+    with capture_announcements(world.router.name, "pb", sender=(b.ns.name, b.uplink)) as heard:
         if switchover == "announce":
             done = world.announce(b, "tap0")
         else:
             done = world.ifup(b, incoming, MIGRATION_PHASE="post")
         assert done.returncode == 0, done.stderr
-    assert_announced(heard.got, b, GUEST4, GUEST6)
+    assert_announced(heard, b, GUEST4, GUEST6)
     world.wait_router_points_at(GUEST4, b.mac, timeout=DEADLINE)
     world.wait_router_points_at(GUEST6, b.mac, timeout=DEADLINE)
     assert_plugged(b, incoming)
@@ -296,7 +296,7 @@ def test_migration_target_waits_for_switchover(world: World, switchover: str) ->
         again = world.announce(b, "tap0")
         assert again.returncode == 0, again.stderr
         assert_plugged(b, incoming)
-        assert len(b.journals()) == 1
+        assert len(journals(b.state)) == 1
 
     assert world.ifdown(a, "tap0", "migrate").returncode == 0
     assert a.ns.snapshot() == a_empty
@@ -343,7 +343,7 @@ def test_same_nic_replugged_converges(world: World) -> None:
         up = world.ifup(a, guest)
         assert up.returncode == 0, up.stderr
         assert_plugged(a, guest)  # one rule per family, one route per address, one proxy each
-        assert len(a.journals()) == 1
+        assert len(journals(a.state)) == 1
     assert_ping(world.router, GUEST4)
     assert_ping(world.router, GUEST6)
     assert_ping(guest.ns, GW6)
@@ -382,7 +382,7 @@ def test_replug_into_another_table(world: World) -> None:
     assert moved.returncode == 0, moved.stderr
     assert_plugged(a, guest, table="200")
     assert a.host_routes("-4") == [] and a.host_routes("-6") == []  # none left in table 100
-    assert len(a.journals()) == 1
+    assert len(journals(a.state)) == 1
     assert world.ifdown(a, "tap0").returncode == 0
     assert a.ns.snapshot() == before
 
@@ -402,7 +402,7 @@ def test_tap_name_reused_by_another_nic(world: World) -> None:
     assert {p["dst"] for p in a.proxies("-4") + a.proxies("-6")} == {OTHER4, OTHER6, GW6}
     assert [r["dst"] for r in a.host_routes("-4")] == [OTHER4]
     assert len(a.our_rules("-4")) == 1 and len(a.our_rules("-6")) == 1
-    assert len(a.journals()) == 1
+    assert len(journals(a.state)) == 1
     assert_ping(world.router, OTHER4)
     assert_ping(world.router, OTHER6)
     assert world.ifdown(a, "tap0").returncode == 0
@@ -423,7 +423,7 @@ def test_two_nics_in_one_table(world: World) -> None:
     assert_plugged(a, first)
     assert_plugged(a, second)
     assert len(a.our_rules("-4")) == 2 and len(a.our_rules("-6")) == 2
-    assert len(a.journals()) == 2
+    assert len(journals(a.state)) == 2
     for addr in (GUEST4, GUEST6, OTHER4, OTHER6):
         assert_ping(world.router, addr)
     assert_ping(second.ns, GW6)
@@ -462,7 +462,7 @@ def test_parallel_plugs_on_one_host(world: World) -> None:
         assert proc.returncode == 0, err
     for g in guests:
         assert_plugged(a, g)
-    assert len(a.journals()) == len(guests)
+    assert len(journals(a.state)) == len(guests)
     for g in (guests[0], guests[-1]):
         assert g.addr4 and g.addr6
         assert_ping(world.router, g.addr4)
@@ -599,11 +599,11 @@ def test_uplink_override_per_family(world: World) -> None:
     wait_for("alt0 up", lambda: a.ns.link("alt0").get("operstate") == "UP")
     guest = world.plug(a)
     before = a.ns.snapshot()
-    with capture(a.ns, "alt1", sender=(a.ns, "alt0")) as heard:
+    with capture_announcements(a.ns.name, "alt1", sender=(a.ns.name, "alt0")) as heard:
         up = world.ifup(a, guest, NICHOOKS_UPLINK4="alt0")
         assert up.returncode == 0, up.stderr
     assert_plugged(a, guest, uplink4="alt0")
-    kinds = {(x.kind, x.src_mac) for x in guest_announcements(heard.got, GUEST4, GUEST6)}
+    kinds = {(x.kind, x.src_mac) for x in guest_announcements(heard, GUEST4, GUEST6)}
     assert ("garp-request", "02:00:00:00:0a:02") in kinds and ("garp-reply", "02:00:00:00:0a:02") in kinds
     assert not any(k == "na" for k, _ in kinds)
     assert world.ifdown(a, "tap0").returncode == 0
@@ -613,10 +613,10 @@ def test_uplink_override_per_family(world: World) -> None:
 def test_announce_off(world: World) -> None:
     a = world.a
     guest = world.plug(a)
-    with capture(world.router, "pa", sender=(a.ns, a.uplink)) as heard:
+    with capture_announcements(world.router.name, "pa", sender=(a.ns.name, a.uplink)) as heard:
         up = world.ifup(a, guest, NICHOOKS_ANNOUNCE="0")
         assert up.returncode == 0, up.stderr
-    assert guest_announcements(heard.got, GUEST4, GUEST6) == []
+    assert guest_announcements(heard, GUEST4, GUEST6) == []
     assert_plugged(a, guest)  # the proxy entries are still there
     assert_ping(world.router, GUEST4)
     assert world.ifdown(a, "tap0").returncode == 0
@@ -659,7 +659,7 @@ def assert_nothing_changed(world: World, host: Host, before: dict[str, Any],
                            tap_before: dict[str, str]) -> None:
     assert host.ns.snapshot() == before
     assert host.sysctls(list(tap_before)) == tap_before
-    assert host.journals() == []
+    assert journals(host.state) == []
 
 
 def ready_to_refuse(world: World) -> tuple[Guest, dict[str, Any], dict[str, str]]:
@@ -766,7 +766,7 @@ def test_status_reports_routed_items(world: World) -> None:
     assert world.ifdown(a, "tap0").returncode == 0
 
 
-# --- failures and crashes at every step -------------------------------------------
+# --- an ifup killed at every step (a step that fails: test_crash.py) ----------------
 
 
 def plan_length(world: World, guest: Guest) -> int:
@@ -777,18 +777,6 @@ def plan_length(world: World, guest: Guest) -> int:
     return len(steps)
 
 
-def test_failed_step_rolls_back_everything(world: World) -> None:
-    a = world.a
-    guest, before, tap_before = ready_to_refuse(world)
-    for step in range(1, plan_length(world, guest) + 1):
-        r = world.ifup(a, guest, NICHOOKS_TEST_FAULT=f"fail-at:{step}")
-        assert r.returncode == 1, (step, r.stderr)
-        assert "injected fault" in one_line(r.stderr)
-        assert a.ns.snapshot() == before, f"after a failure at step {step}"
-        assert a.sysctls(list(tap_before)) == tap_before, f"after a failure at step {step}"
-        assert a.journals() == [], f"after a failure at step {step}"
-
-
 def test_killed_ifup_is_undone_by_ifdown_or_converged_by_ifup(world: World) -> None:
     a = world.a
     guest, before, tap_before = ready_to_refuse(world)
@@ -796,7 +784,7 @@ def test_killed_ifup_is_undone_by_ifdown_or_converged_by_ifup(world: World) -> N
         for then in ("ifdown", "ifup"):
             r = world.ifup(a, guest, NICHOOKS_TEST_FAULT=f"kill-after:{step}")
             assert r.returncode == -9, (step, r.stderr)
-            assert len(a.journals()) == 1
+            assert len(journals(a.state)) == 1
             if then == "ifup":
                 up = world.ifup(a, guest)
                 assert up.returncode == 0, (step, up.stderr)
@@ -805,7 +793,7 @@ def test_killed_ifup_is_undone_by_ifdown_or_converged_by_ifup(world: World) -> N
             assert down.returncode == 0, (step, then, down.stderr)
             assert a.ns.snapshot() == before, f"killed after step {step}, then {then}"
             assert a.sysctls(list(tap_before)) == tap_before, f"killed after step {step}, then {then}"
-            assert a.journals() == []
+            assert journals(a.state) == []
 
 
 # --- ifdown -------------------------------------------------------------------------
@@ -923,7 +911,7 @@ def test_an_operators_identical_rule_survives_ifup_and_ifdown(world: World) -> N
     for fam in ("-4", "-6"):
         assert tap_rules(a, fam) == [theirs], f"{fam} rules after ifdown"
     assert a.ns.snapshot() == before
-    assert a.journals() == []
+    assert journals(a.state) == []
 
 
 @pytest.mark.parametrize("recorded", ["old-style", "tampered"])
@@ -934,8 +922,8 @@ def test_undo_never_deletes_an_unmarked_rule(world: World, recorded: str) -> Non
     leaves the operator's rules."""
     a = world.a
     plugged_on_a(world)
-    (path,) = a.journals()
-    journal = json.loads(path.read_text())
+    (journal,) = journals(a.state)
+    path = journal_path(a.state, journal["key"])
     rules = [r for r in journal["records"] if r["kind"] == "route.rule"]
     assert len(rules) == 2
     for record in rules:
@@ -953,11 +941,11 @@ def test_undo_never_deletes_an_unmarked_rule(world: World, recorded: str) -> Non
         assert tap_rules(a, fam) == theirs, f"{fam} rules after ifdown ({recorded})"
     if recorded == "old-style":
         assert down.returncode == 0, down.stderr
-        assert a.journals() == []
+        assert journals(a.state) == []
     else:  # refused, and kept for an operator to look at
         assert "protocol 0" in down.stderr, down.stderr
-        (kept,) = a.journals()
-        assert {r["kind"] for r in json.loads(kept.read_text())["records"]} == {"route.rule"}
+        (kept,) = journals(a.state)
+        assert {r["kind"] for r in kept["records"]} == {"route.rule"}
 
 
 def test_ifup_repairs_after_an_uplink_restart(world: World) -> None:
@@ -1008,8 +996,8 @@ def test_kvm_instance_named_like_a_xen_incoming_domain_gets_its_uplink_entries(
     up = world.ifup(world.a, guest, INSTANCE="web--incoming")
     assert up.returncode == 0, up.stderr
     assert_plugged(world.a, guest)  # uplink proxy entries included
-    (journal,) = world.a.journals()
-    assert json.loads(journal.read_text())["deferred"] == []
+    (journal,) = journals(world.a.state)
+    assert journal["deferred"] == []
     assert_ping(world.router, GUEST4)
     assert world.ifdown(world.a, "tap0").returncode == 0
     assert_unplugged(world.a)

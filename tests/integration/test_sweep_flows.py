@@ -24,10 +24,11 @@ import pytest
 from nichooks.net_common.openflow import cookie
 from tests.integration.ovs_env import Guest, Switch
 from tests.integration.test_ovs import plug
-from tests.nstools import bin_path
+from tests.support.constants import HAVE_OVS, NO_OVS
+from tests.support.hooks import bin_path
+from tests.support.state import journal_path
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/ovs-vswitchd").exists(),
-                                reason="openvswitch-switch is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_OVS, reason=NO_OVS)
 
 # A cookie with our prefix that no NIC key hashes to (what a Neutron agent may pick).
 RANDOM_COOKIE = 0x4E48_5EED_0BAD_F00D
@@ -51,7 +52,7 @@ def orphan(sw: Switch, dirs: tuple[Path, Path], guest: Guest) -> str:
     """What a lost state directory leaves: the NIC's journal and tap index entry gone,
     its tap gone with the guest; OVSDB keeps the port (with its owner mark) and
     ovs-vswitchd the flows. Returns the journal's text, for a test to put it back."""
-    journal = dirs[0] / "nics" / f"{guest.uuid}.json"
+    journal = journal_path(dirs[0], guest.uuid)
     text = journal.read_text()
     journal.unlink()
     (dirs[0] / "taps" / guest.tap).unlink()
@@ -199,7 +200,7 @@ def test_sweep_racing_a_plug_keeps_the_plugs_flows(switch: Switch, dirs: tuple[P
             # The sweep says it found the orphan and goes for its lock (today's code
             # never says so: it deletes the flows without the lock, then exits).
             waiting = wait_for_line(proc, f"owner={a.uuid} result=orphan ", 30, seen)
-            (dirs[0] / "nics" / f"{a.uuid}.json").write_text(journal)
+            journal_path(dirs[0], a.uuid).write_text(journal)
         except BaseException:
             proc.kill()
             proc.wait()

@@ -11,7 +11,8 @@ import pytest
 
 from nichooks.journal import Store
 from tests.integration.bridged_env import Site
-from tests.nstools import one_line
+from tests.support.hooks import one_line
+from tests.support.state import journals
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_state_directory_writable_by_others_is_refused(plugged_site: Site, sub: 
         assert str(bad) in line and "chmod go-w" in line and "chown root" in line
         assert ("0777" if how == "mode" else "uid 1000") in line
     assert site.host.snapshot() == before
-    assert site.journals() == []
+    assert journals(site.state) == []
 
 
 def test_settings_file_writable_by_others_is_refused(plugged_site: Site) -> None:

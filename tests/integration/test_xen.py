@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.nstools import Netns, bin_path, one_line, require_root
+from tests.support.hooks import bin_path, one_line
+from tests.support.netns import Netns, require_root
+from tests.support.scripts import write_script
+from tests.support.state import journals, names_in, tap_index
 
 STANDINS = Path(__file__).with_name("xen_standins")
 UUID = "9d1c3b2a-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -67,13 +70,10 @@ class Dom0:
     def master(self, dev: str) -> str | None:
         return self.host.link(dev).get("master")
 
-    def state_files(self) -> dict[str, dict[str, str]]:
-        """The journals (`nics/`) and the tap index (`taps/`, tap -> key) in the state dir."""
-        out: dict[str, dict[str, str]] = {}
-        for sub in ("nics", "taps"):
-            d = self.root / "state" / sub
-            out[sub] = {p.name: p.read_text() for p in sorted(d.iterdir())} if d.exists() else {}
-        return out
+    def journaled(self) -> tuple[list[str], dict[str, str]]:
+        """The keys of the journals (`nics/`) and the tap index (`taps/`, tap -> key)."""
+        state = self.root / "state"
+        return [j["key"] for j in journals(state)], tap_index(state)
 
     def vif_state(self, dev: str = "vif5.0") -> tuple[str, int, bool, str | None]:
         """(MAC, MTU, up, master) of a device, as `ip -j` reports them."""
@@ -123,10 +123,8 @@ def test_online_plugs_and_reports_connected_offline_unplugs(dom0: Dom0) -> None:
     """Online changes the vif's MAC, MTU, master and up state; offline puts back every
     one of them (the namespace as it was) and leaves no journal or tap index entry."""
     dom0.nic_file("inst1.example.org", 0, NIC_FILE)
-    script = dom0.root / "conf" / "ifup.d" / "10-record"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\necho \"$INSTANCE|$TAGS|$INTERFACE|$INTERFACE_UUID\" > {dom0.root}/seen\n")
-    script.chmod(0o755)
+    write_script(dom0.root / "conf" / "ifup.d", "10-record",
+                 f'echo "$INSTANCE|$TAGS|$INTERFACE|$INTERFACE_UUID" > {dom0.root}/seen')
     before = dom0.host.snapshot()
     assert dom0.vif_state() == (VIF_MAC, VIF_MTU, False, None)
     r = dom0.vif("online", "type_if=vif")
@@ -135,15 +133,13 @@ def test_online_plugs_and_reports_connected_offline_unplugs(dom0: Dom0) -> None:
     assert dom0.vif_state() == ("fe" + VIF_MAC[2:], BRIDGE_MTU, True, "br0")
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "connected"
     assert (dom0.root / "seen").read_text().strip() == f"inst1.example.org|web prod|vif5.0|{UUID}"
-    files = dom0.state_files()
-    assert list(files["nics"]) == [f"{UUID}.json"]
-    assert files["taps"] == {"vif5.0": UUID}
+    assert dom0.journaled() == ([UUID], {"vif5.0": UUID})
 
     r = dom0.vif("offline", "type_if=vif")
     assert r.returncode == 0, r.stderr
     assert dom0.vif_state() == (VIF_MAC, VIF_MTU, False, None)
     assert dom0.host.snapshot() == before
-    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.journaled() == ([], {})
 
 
 def test_commands_for_the_other_device_type_do_nothing(dom0: Dom0) -> None:
@@ -179,7 +175,7 @@ def test_failure_writes_hotplug_error_and_leaves_nothing(dom0: Dom0) -> None:
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
     assert "LINK br9: no such device" in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
     assert dom0.host.snapshot() == before
-    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.journaled() == ([], {})
 
 
 # The bridged plan without a VLAN: 1 MAC, 2 MTU, 3 master, 4 up.
@@ -206,7 +202,7 @@ def test_failure_after_changes_rolls_back_to_the_namespace_as_it_was(dom0: Dom0,
     last = r.stderr.splitlines()[-1]
     assert last.startswith("nichooks: ") and cause in last
     assert dom0.host.snapshot() == before
-    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.journaled() == ([], {})
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
     assert cause in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
 
@@ -216,13 +212,11 @@ def test_failing_ifup_script_rolls_back_the_whole_plug(dom0: Dom0) -> None:
     enslaved, at the bridge's MTU, up): the plug is rolled back to the namespace as it
     was, and libxl learns that the script failed and what it said."""
     dom0.nic_file("inst1.example.org", 0, NIC_FILE)
-    script = dom0.root / "conf" / "ifup.d" / "50-refuse"
-    script.parent.mkdir()
-    script.write_text("#!/bin/sh\nd=/sys/class/net/$INTERFACE\n"
-                      "echo \"$(cat $d/address) $(cat $d/mtu) $(cat $d/flags) "
-                      f"$(readlink $d/master)\" > {dom0.root}/seen\n"
-                      "echo 'no port for this tenant'\nexit 1\n")
-    script.chmod(0o755)
+    script = write_script(dom0.root / "conf" / "ifup.d", "50-refuse",
+                          "d=/sys/class/net/$INTERFACE\n"
+                          "echo \"$(cat $d/address) $(cat $d/mtu) $(cat $d/flags) "
+                          f"$(readlink $d/master)\" > {dom0.root}/seen\n"
+                          "echo 'no port for this tenant'\nexit 1")
     before = dom0.host.snapshot()
     r = dom0.vif("online", "type_if=vif")
     assert r.returncode == 1, r.stderr
@@ -232,7 +226,7 @@ def test_failing_ifup_script_rolls_back_the_whole_plug(dom0: Dom0) -> None:
     cause = f"{script} exited with status 1: no port for this tenant"
     assert cause in one_line(r.stderr)
     assert dom0.host.snapshot() == before
-    assert dom0.state_files() == {"nics": {}, "taps": {}}
+    assert dom0.journaled() == ([], {})
     assert dom0.xs_read("backend/vif/5/0/hotplug-status") == "error"
     assert cause in (dom0.xs_read("backend/vif/5/0/hotplug-error") or "")
 
@@ -244,15 +238,14 @@ def test_hvm_emulated_tap_is_a_second_device_of_the_nic(dom0: Dom0) -> None:
     r = dom0.vif("add", "type_if=tap", INTERFACE="vif5.0-emu")
     assert r.returncode == 0, r.stderr
     assert dom0.master("vif5.0") == dom0.master("vif5.0-emu") == "br0"
-    journals = sorted(p.name for p in (dom0.root / "state" / "nics").iterdir())
-    assert journals == [f"{UUID}-emu.json", f"{UUID}.json"]
+    assert [j["key"] for j in journals(dom0.root / "state")] == [f"{UUID}-emu", UUID]
     # the guest's PV driver took over: the emulated tap goes, the vif stays
     r = dom0.vif("remove", "type_if=tap", INTERFACE="vif5.0-emu")
     assert r.returncode == 0, r.stderr
     assert dom0.master("vif5.0-emu") is None
     assert dom0.master("vif5.0") == "br0"
     assert dom0.vif("offline", "type_if=vif").returncode == 0
-    assert list((dom0.root / "state" / "nics").iterdir()) == []
+    assert names_in(dom0.root / "state", "nics") == []
 
 
 def test_missing_nic_file_falls_back_to_xenstore_and_says_so(dom0: Dom0) -> None:
@@ -286,15 +279,11 @@ def test_nic_file_cannot_set_settings_or_the_scripts_environment(dom0: Dom0) -> 
     """Ganeti writes INTERFACE_NAME unquoted: a tenant's NIC name becomes more
     assignments. None of them may reach our settings or root's scripts."""
     evil = dom0.root / "evil"
-    (evil / "ifup.d").mkdir(parents=True)
     marker = dom0.root / "evil-ran"
-    (evil / "ifup.d" / "10-evil").write_text(f"#!/bin/sh\ntouch {marker}\n")
-    (evil / "ifup.d" / "10-evil").chmod(0o755)
-    script = dom0.root / "conf" / "ifup.d" / "10-record"
-    script.parent.mkdir()
-    script.write_text("#!/bin/sh\necho \"${LD_PRELOAD-unset}|$NICHOOKS_CONF_DIR|"
-                      f"$NICHOOKS_STATE_DIR|$INTERFACE_NAME\" > {dom0.root}/seen\n")
-    script.chmod(0o755)
+    write_script(evil / "ifup.d", "10-evil", f"touch {marker}")
+    write_script(dom0.root / "conf" / "ifup.d", "10-record",
+                 'echo "${LD_PRELOAD-unset}|$NICHOOKS_CONF_DIR|'
+                 f'$NICHOOKS_STATE_DIR|$INTERFACE_NAME" > {dom0.root}/seen')
     dom0.nic_file("inst1.example.org", 0, NIC_FILE + (
         f"INTERFACE_NAME=eth0 NICHOOKS_CONF_DIR={evil} LD_PRELOAD=/nonexistent/evil.so "
         f"NICHOOKS_STATE_DIR={dom0.root}/evil-state NICHOOKS_OVS_ANTISPOOF=off\n"))
@@ -304,7 +293,7 @@ def test_nic_file_cannot_set_settings_or_the_scripts_environment(dom0: Dom0) -> 
     assert (dom0.root / "seen").read_text().strip() == \
         f"unset|{dom0.root}/conf|{dom0.root}/state|eth0"
     assert not (dom0.root / "evil-state").exists()
-    assert [p.name for p in (dom0.root / "state" / "nics").iterdir()] == [f"{UUID}.json"]
+    assert names_in(dom0.root / "state", "nics") == [f"{UUID}.json"]
     ignored = sorted(line.split("ignored=")[1].split()[0] for line in r.stderr.splitlines()
                      if "ignored=" in line)
     assert ignored == ["LD_PRELOAD", "NICHOOKS_CONF_DIR", "NICHOOKS_OVS_ANTISPOOF",

@@ -12,14 +12,7 @@ import pytest
 
 from nichooks.custom import list_scripts, run_scripts
 from nichooks.log import HookLog
-
-
-def script(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
-    directory.mkdir(exist_ok=True, mode=0o755)
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(mode)
-    return path
+from tests.support.scripts import write_script
 
 
 @pytest.fixture
@@ -38,8 +31,8 @@ def needs_root() -> None:
 def test_name_order_and_skipped_names(updir: Path) -> None:
     needs_root()
     for name in ("20-b", "10-a", "30-c~", "40-d.dpkg-old", ".hidden", "50-e.bak"):
-        script(updir, name, "true")
-    script(updir, "15-not-executable", "true", mode=0o644)
+        write_script(updir, name, "true")
+    write_script(updir, "15-not-executable", "true", mode=0o644)
     (updir / "16-dir").mkdir()
     run, refused = list_scripts(updir)
     assert [p.name for p in run] == ["10-a", "20-b"] and refused == []
@@ -53,7 +46,7 @@ def test_environment_and_argument(updir: Path, tmp_path: Path) -> None:
     leaked = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(leaked, True)
     try:
-        script(updir, "10-env", f'echo "$1 $ACTION $NICHOOKS_CONTEXT $MODE" > {out}\n'
+        write_script(updir, "10-env", f'echo "$1 $ACTION $NICHOOKS_CONTEXT $MODE" > {out}\n'
                                 f'[ -e /proc/self/fd/{leaked} ] && echo "fd {leaked} leaked" >> {out}\ntrue')
         env = {"ACTION": "up", "NICHOOKS_CONTEXT": "start", "MODE": "bridged", "PATH": "/usr/bin:/bin"}
         failures = run_scripts(updir, "tap0", env, 10, HookLog(), stop_on_failure=True)
@@ -65,16 +58,16 @@ def test_environment_and_argument(updir: Path, tmp_path: Path) -> None:
 
 def test_failure_is_reported_with_its_last_line(updir: Path) -> None:
     needs_root()
-    script(updir, "10-fail", "echo first; echo 'no route to nowhere' >&2; exit 3")
-    script(updir, "20-never", "exit 0")
+    write_script(updir, "10-fail", "echo first; echo 'no route to nowhere' >&2; exit 3")
+    write_script(updir, "20-never", "exit 0")
     [failure] = run_scripts(updir, "tap0", {}, 10, HookLog(), stop_on_failure=True)
     assert "exited with status 3: no route to nowhere" in failure.reason
 
 
 def test_ifdown_scripts_all_run_despite_failures(updir: Path, tmp_path: Path) -> None:
     needs_root()
-    script(updir, "10-fail", "exit 1")
-    script(updir, "20-ok", f"touch {tmp_path / 'ran'}")
+    write_script(updir, "10-fail", "exit 1")
+    write_script(updir, "20-ok", f"touch {tmp_path / 'ran'}")
     failures = run_scripts(updir, "tap0", {}, 10, HookLog(), stop_on_failure=False)
     assert len(failures) == 1 and (tmp_path / "ran").exists()
 
@@ -86,7 +79,7 @@ def test_ifdown_scripts_all_run_despite_failures(updir: Path, tmp_path: Path) ->
 ])
 def test_unsafe_scripts_are_refused(updir: Path, how: str, fragment: str) -> None:
     needs_root()
-    path = script(updir, "10-x", "true")
+    path = write_script(updir, "10-x", "true")
     if how == "uid":
         os.chown(path, 65534, 0)
     else:
@@ -97,7 +90,7 @@ def test_unsafe_scripts_are_refused(updir: Path, how: str, fragment: str) -> Non
 
 def test_world_writable_directory_is_refused(updir: Path) -> None:
     needs_root()
-    script(updir, "10-x", "true")
+    write_script(updir, "10-x", "true")
     updir.chmod(0o777)
     [failure] = run_scripts(updir, "tap0", {}, 10, HookLog(), stop_on_failure=True)
     assert "refusing to run scripts" in failure.reason
@@ -108,7 +101,7 @@ def test_timeout_kills_the_script_and_its_children(updir: Path, tmp_path: Path) 
     marker, pidfile = tmp_path / "child-alive", tmp_path / "child-pid"
     # The child would outlive the script by far: it is gone only if it was killed. (Its
     # command line names the marker: the script's own is /proc/self/fd/N.)
-    script(updir, "10-hang", f"sh -c 'sleep 120; touch {marker}' & echo $! > {pidfile}; sleep 120")
+    write_script(updir, "10-hang", f"sh -c 'sleep 120; touch {marker}' & echo $! > {pidfile}; sleep 120")
     start = time.monotonic()
     [failure] = run_scripts(updir, "tap0", {"PATH": "/usr/bin:/bin"}, 0.5, HookLog(), stop_on_failure=True)
     assert "did not finish within 0.5s" in failure.reason
@@ -165,7 +158,7 @@ def safe_dir(path: Path, mode: int = 0o755) -> Path:
 
 def marker_script(directory: Path, name: str, marker: Path, text: str = "ran") -> Path:
     """A script that leaves `marker` behind, holding `text` and its argument."""
-    return script(safe_dir(directory), name, f'echo "{text} $1" >> {marker}')
+    return write_script(safe_dir(directory), name, f'echo "{text} $1" >> {marker}')
 
 
 @pytest.mark.parametrize("how,fragment", [
@@ -285,7 +278,7 @@ def test_dangling_links_and_loops_are_skipped_as_before(updir: Path) -> None:
     (updir / "10-dangling").symlink_to("../nowhere/x")
     (updir / "20-loop").symlink_to("20-loop")
     (updir / "30-dir").symlink_to("..")
-    script(updir, "40-ok", "true")
+    write_script(updir, "40-ok", "true")
     run, refused = list_scripts(updir)
     assert [p.name for p in run] == ["40-ok"] and refused == []
 

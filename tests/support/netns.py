@@ -11,22 +11,12 @@ import json
 import os
 import secrets
 import subprocess
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-VENV_BIN = Path(sys.executable).parent
 PREFIX = "nht-"
 # Every namespace this test process made: the session guard checks these are gone
 # (not "no nht-* exists", which another test run on the same machine could break).
 CREATED: set[str] = set()
-
-
-def bin_path(name: str) -> str:
-    """The installed entry point (its shebang names the venv's interpreter)."""
-    return str(VENV_BIN / name)
 
 
 class Netns:
@@ -73,6 +63,10 @@ class Netns:
         link: dict[str, Any] = found[0]
         return link
 
+    def links(self) -> dict[str, dict[str, Any]]:
+        """Every link as `ip -j -d link show` reports it, by name."""
+        return {link["ifname"]: link for link in self.ipj("-d", "link", "show")}
+
     def has_link(self, name: str) -> bool:
         return any(link["ifname"] == name for link in self.ipj("link", "show"))
 
@@ -115,30 +109,6 @@ class Netns:
         return snap
 
 
-# Runs in a namespace (`python -c SCRIPT IFNAME WANT SECONDS`): prints "ready" once
-# bound, then the hex of every received ARP frame and ICMPv6 Neighbour Advertisement,
-# until it has WANT of them or SECONDS have passed.
-CAPTURE_ANNOUNCEMENTS = r"""
-import select, socket, sys, time
-ifname, want, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 3))
-print("ready", flush=True)
-end, got = time.monotonic() + limit, 0
-while got < want:
-    left = end - time.monotonic()
-    if left <= 0 or not select.select([s], [], [], left)[0]:
-        break
-    frame, addr = s.recvfrom(65535)
-    if addr[2] == socket.PACKET_OUTGOING:
-        continue
-    etype = frame[12:14]
-    if etype == b"\x08\x06" or (etype == b"\x86\xdd" and frame[20] == 58 and frame[54] == 136):
-        print(frame.hex(), flush=True)
-        got += 1
-"""
-
-
 def list_netns() -> set[str]:
     out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
     return {n["name"] for n in json.loads(out)} if out.strip() else set()
@@ -148,40 +118,6 @@ def root_links() -> list[tuple[str, str | None]]:
     """The root namespace's links: tests assert they never change."""
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
     return sorted((link["ifname"], link.get("master")) for link in json.loads(out))
-
-
-def hook_env(state_dir: Path, conf_dir: Path, **nic: str) -> dict[str, str]:
-    """A minimal, explicit environment for running a hook, as Ganeti would build it."""
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "LC_ALL": "C",
-        "NICHOOKS_STATE_DIR": str(state_dir),
-        "NICHOOKS_CONF_DIR": str(conf_dir),
-        "GANETI_RUN_DIR": str(state_dir / "ganeti-run"),
-    }
-    env.update(nic)
-    return env
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 3.0) -> Any:
-    """Poll until `probe` returns something truthy (the kernel updates some state
-    asynchronously); AssertionError naming `what` after `timeout` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def one_line(stderr: str) -> str:
-    """A failing hook prints exactly one line, starting `nichooks: `."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("nichooks: "), lines[0]
-    return lines[0]
 
 
 def require_root() -> None:

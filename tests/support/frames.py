@@ -16,7 +16,12 @@ runs the capture in a namespace and reads its frames as they come, and `send_con
 puts a control frame on a wire. A capture that waits for a control frame sent *after*
 the action has seen everything the action put on that wire, however loaded the machine
 is: "nothing arrived before the control frame" then means nothing was sent, not that
-the capture window closed too early.
+the capture window closed too early. `capture_announcements` does exactly that for the
+ARP and NA frames a block of code sends.
+
+Where the control frame must cross an Open vSwitch (whose anti-spoofing flows drop
+what a guest may not send), tests/integration/ovs_env.py builds one the guest's port
+lets through, and `Listener.until` / `received` take its token.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -190,6 +197,11 @@ class Listener:
         frames = self.wait(f"the frame carrying {marker.decode(errors='replace')}", seen, timeout)
         return frames[:next(i for i, (_vid, frame) in enumerate(frames) if marker in frame)]
 
+    def received(self, marker: bytes, before: bytes) -> list[int | None]:
+        """The VLAN ids (None: untagged) of the frames carrying `marker` that arrived
+        before the control frame carrying `before`."""
+        return [vid for vid, frame in self.until(before) if marker in frame]
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -203,6 +215,29 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class Heard:
+    """The ARP and NA frames a capture saw; filled in when its `with` block ends."""
+
+    frames: list[bytes] = field(default_factory=list)
+
+
+@contextmanager
+def capture_announcements(netns: str, ifname: str, sender: tuple[str, str]) -> Iterator[Heard]:
+    """Collect the ARP and NA frames arriving on `ifname` in `netns` while the block runs.
+
+    The capture is bound before the block starts. When the block ends, a control frame
+    is sent from `sender` (namespace, interface: the other end of the wire the
+    announcements travel on) and the capture reads until that frame has arrived: it
+    has then seen everything the block put on the wire, however loaded the machine is,
+    so no frames means nothing was announced."""
+    heard = Heard()
+    with Listener(netns, ifname) as listener:
+        yield heard
+        before = listener.until(send_control(*sender))
+    heard.frames = [frame for _vid, frame in before if is_arp_or_na(frame)]
 
 
 if __name__ == "__main__":
