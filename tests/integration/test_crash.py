@@ -396,13 +396,17 @@ INJECTED = {"fail-at": "injected fault (NICHOOKS_TEST_FAULT)",
 
 
 def every_step_a_change(rig: Rig) -> list[str]:
-    """Make the host differ from the plan in every step (the bridged tap found down on
-    another bridge, an operator's, so that undoing the attach must put it back there
+    """Make the host differ from the plan in every step (the tap's MAC not fe..., the
+    bridged tap found down on another bridge, an operator's, so that undoing the attach must put it back there
     rather than merely detach it; the OVS tap's MTU other than its bridge's; the routed
     tap's forwarding off), so that each step really changes something; return the
     steps as `nichooks plan` describes them, in order. The read-back test proves it for
     every step it reverts: reverting a step fails its read-back only if the step
     changed the value."""
+    if rig.mode in ("bridged", "openvswitch"):
+        # The MAC step writes "fe" + the tap's MAC[2:]: a random veth MAC starts with fe
+        # one time in 64, and then the step would change nothing.
+        rig.ns.ip("link", "set", rig.tap, "address", "02:00:00:00:0b:01")
     if rig.mode == "bridged":
         # As an operator makes a bridge: MTU and MAC set after creation, so that the
         # kernel keeps them whatever ports come and go.
