@@ -390,8 +390,7 @@ def _rollback_quietly(store: Store, net: Host, nic: nicmod.Nic, journal: Journal
             # still listed here (and some already undone, whose undo is idempotent).
             log.error("journal", result="not saved", cause=exc.cause)
     else:
-        store.delete(journal.key)
-        store.release_tap(journal.tap, journal.key)
+        store.forget(journal.key, journal.tap)
     return failed
 
 
@@ -585,8 +584,7 @@ def _undo_journal(store: Store, net: Host, key: str, log: HookLog,
         log.error("ifdown", result="incomplete", failed=len(failed))
         return [f"{journal.tap} ({journal.key}): could not undo {r.step}: {r.error}; "
                 "kept in the journal for a later retry" for r in failed], scripts
-    store.delete(key)
-    store.release_tap(journal.tap, key)
+    store.forget(key, journal.tap)
     log.info("ifdown", result="ok", records=len(journal.records))
     return [], scripts
 

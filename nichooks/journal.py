@@ -233,6 +233,14 @@ class Store:
             pass
         self._remove_stale(path.name)
 
+    def forget(self, key: str, tap: str) -> None:
+        """A NIC fully undone: its tap claim released first, its journal deleted last,
+        so that a journal gone means the NIC is gone from the state directory (the
+        agent, a sweep and the tests wait on that). A crash in between leaves a journal
+        without a claim, which the next sweep or ifup finishes."""
+        self.release_tap(tap, key)
+        self.delete(key)
+
     def quarantine(self, key: str) -> Path:
         """Move an unreadable journal out of nics/ so that it no longer blocks the NIC,
         but is kept for an operator to read."""

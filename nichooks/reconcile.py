@@ -99,8 +99,7 @@ def undo_whole(store: Store, net: Host, journal: Journal, log: HookLog) -> list[
         journal.records, journal.state = failed, "undo-failed"
         store.save(journal)
     else:
-        store.delete(journal.key)
-        store.release_tap(journal.tap, journal.key)
+        store.forget(journal.key, journal.tap)
     return failed
 
 
@@ -186,8 +185,7 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
     journal.records = [r for r in journal.records if r not in retry or r in still]
     if journal.state == "undo-failed" and not journal.records:
         # The journal was kept only for these records: the NIC is fully undone now.
-        store.delete(journal.key)
-        store.release_tap(journal.tap, journal.key)
+        store.forget(journal.key, journal.tap)
     else:
         store.save(journal)
     if still:
