@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from nichooks.errors import InvalidInput, PlumbingError
+from nichooks.trust import make_dirs
 
 MANIFEST = Path("var/lib/nichooks/installed.json")
 BACKUP_SUFFIX = ".nichooks-backup"
@@ -163,7 +164,7 @@ class Installer:
     def _save(self, files: dict[str, Record]) -> None:
         if self.dry_run:
             return
-        _make_dirs(self.manifest_path.parent)
+        make_dirs(self.manifest_path.parent, DIR_MODE)
         _write_file(self.manifest_path, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n",
                     MANIFEST_MODE)
 
@@ -242,7 +243,7 @@ class Installer:
                 report.say(f"{'would move' if self.dry_run else 'moved'} {path} to {backup}")
             report.say(f"{'would install' if self.dry_run else 'installed'} {path} -> {entry}")
             if not self.dry_run:
-                _make_dirs(path.parent)
+                make_dirs(path.parent, DIR_MODE)
                 _write_file(path, text, WRAPPER_MODE)
             files[rel] = {"caller": caller, "entry": str(entry), "sha256": _digest(text),
                           "backup": backup}
@@ -315,23 +316,6 @@ def _is_wrapper_with(path: Path, sha256: str | None) -> bool:
     except OSError:
         return False
     return data.startswith(WRAPPER_HEAD) and _digest(data) == sha256
-
-
-def _make_dirs(directory: Path) -> None:
-    """Create `directory` and any missing parents as DIR_MODE, whatever the umask:
-    under umask 000 `mkdir -p` makes hook directories anyone can write a script
-    into, and under 077 ones that Ganeti's unprivileged tools cannot read. The mode
-    given to mkdir is never wider than the final one, so there is no window either."""
-    missing: list[Path] = []
-    while not _present(directory):
-        missing.append(directory)
-        directory = directory.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            continue  # someone else's, made meanwhile: not ours to chmod
-        os.chmod(d, DIR_MODE)
 
 
 def _write_file(path: Path, text: str, mode: int) -> None:

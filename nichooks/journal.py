@@ -154,16 +154,12 @@ class Store:
 
     def ensure(self) -> None:
         """Create what is missing (mode DIR_MODE whatever the umask), then check()."""
+        from nichooks.trust import make_dirs
+
         for d in (self.root, self.nics, self.taps, self.tmp, self.locks):
             try:
-                try:
-                    d.mkdir(mode=DIR_MODE)
-                except FileNotFoundError:
-                    d.mkdir(mode=DIR_MODE, parents=True)
-                os.chmod(d, DIR_MODE)  # mkdir's mode is masked by the umask
-            except FileExistsError:
-                pass
-            except NotADirectoryError:
+                make_dirs(d, DIR_MODE)
+            except NotADirectoryError:  # a file on the way
                 raise PlumbingError(f"state directory {d} exists and is not a directory "
                                     "(NICHOOKS_STATE_DIR)") from None
             except OSError as exc:
@@ -244,11 +240,9 @@ class Store:
     def quarantine(self, key: str) -> Path:
         """Move an unreadable journal out of nics/ so that it no longer blocks the NIC,
         but is kept for an operator to read."""
-        try:
-            self.corrupt.mkdir(mode=DIR_MODE)
-            os.chmod(self.corrupt, DIR_MODE)
-        except FileExistsError:
-            pass
+        from nichooks.trust import make_dirs
+
+        make_dirs(self.corrupt, DIR_MODE)
         dest = self.corrupt / f"{key}.json.{int(time.time())}"
         os.replace(self.path(key), dest)
         return dest

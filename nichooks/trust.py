@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 
 def trusted_uids() -> tuple[int, ...]:
@@ -23,3 +24,21 @@ def untrusted_reason(path: object, st: os.stat_result) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
+
+
+def make_dirs(directory: Path, mode: int) -> None:
+    """Create `directory` and any missing parents as `mode`, whatever the umask: under
+    umask 000 `mkdir -p` makes directories anyone can write into, under 077 ones that
+    unprivileged tools cannot read. The mode given to mkdir is never wider than the
+    final one, so there is no window either. A directory someone else made meanwhile
+    is left as it is (and judged by untrusted_reason where it matters)."""
+    missing: list[Path] = []
+    while not os.path.lexists(directory):  # a dangling symlink is there: mkdir would fail
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        os.chmod(d, mode)
