@@ -16,8 +16,8 @@ from nichooks.errors import EXIT_OK, EXIT_PLUMBING
 
 def _plan(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.hooks import Request, build_plan, nic_for_ifup
-    from nichooks.host import Host
+    from nichooks.host.host import Host
+    from nichooks.ops.plug import Request, build_plan, nic_for_ifup
 
     settings = settingsmod.load(os.environ)
     nic, _ignored = nic_for_ifup(Request(env=os.environ, tap=args.tap), settings)
@@ -40,9 +40,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.host import Host
-    from nichooks.journal import Store
-    from nichooks.plan import PRESENT, load_backends
+    from nichooks.engine.journal import Store
+    from nichooks.engine.plan import PRESENT, load_backends
+    from nichooks.host.host import Host
 
     load_backends()
     settings = settingsmod.load(os.environ)
@@ -89,7 +89,7 @@ def _status(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
     from nichooks.log import HookLog
-    from nichooks.reconcile import sweep
+    from nichooks.ops.reconcile import sweep
 
     settings = settingsmod.load(os.environ)
     log = HookLog(verbose=args.verbose or settings.debug, context="sweep")
@@ -104,11 +104,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.host import Host
-    from nichooks.journal import CorruptJournal, Store
+    from nichooks.engine.journal import CorruptJournal, Store
+    from nichooks.engine.plan import load_backends
+    from nichooks.host.host import Host
     from nichooks.log import HookLog
-    from nichooks.plan import load_backends
-    from nichooks.reconcile import drift, label, locked, repair, select
+    from nichooks.ops.reconcile import drift, label, locked, repair, select
 
     load_backends()
     settings = settingsmod.load(os.environ)
@@ -150,13 +150,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from nichooks.agent import main as agent_main
+    from nichooks.ops.agent import main as agent_main
 
     return agent_main(foreground=args.foreground, verbose=args.verbose)
 
 
 def _announce(args: argparse.Namespace) -> int:
-    from nichooks.hooks import Request, announce_now
+    from nichooks.ops.plug import Request, announce_now
 
     announce_now(Request(env=os.environ, tap=args.tap, verbose=args.verbose))
     return EXIT_OK

@@ -71,7 +71,7 @@ def _instance_communication(env: Mapping[str, str], positionals: Sequence[str]) 
     Only a valid device name counts: `gnt.com./../x` is invalid input like any other
     bad name, not a reason to exit 0 without a word."""
     from nichooks.errors import InvalidInput
-    from nichooks.validate import ifname
+    from nichooks.model.validate import ifname
 
     tap = env.get("INTERFACE") or (positionals[0] if positionals else "")
     if not tap.startswith(COMMUNICATION_PREFIX):
@@ -102,7 +102,7 @@ def kvm_ifup(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         return EXIT_OK
 
     def go() -> int:
-        from nichooks.hooks import Request, ifup
+        from nichooks.ops.plug import Request, ifup
 
         if not env.get("INTERFACE") and len(positionals) > 1:
             print(f"nichooks: {IFUP_USAGE}", file=sys.stderr)
@@ -124,7 +124,7 @@ def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int
         return EXIT_OK
 
     def go() -> int:
-        from nichooks.hooks import Request, down_context, ifdown
+        from nichooks.ops.plug import Request, down_context, ifdown
 
         if len(positionals) > 2:
             print(f"nichooks: {IFDOWN_USAGE}", file=sys.stderr)
@@ -138,6 +138,6 @@ def kvm_ifdown(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int
 
 
 def vif_ganeti(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    from nichooks.vif import run
+    from nichooks.callers.xen_vif import run
 
     return run(argv, env)

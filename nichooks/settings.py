@@ -200,7 +200,7 @@ def _state_dir(text: str) -> Path:
 def _uplink(name: str, text: str) -> str | None:
     if not text:
         return None
-    from nichooks.validate import ifname
+    from nichooks.model.validate import ifname
 
     return ifname(name, text)
 

@@ -197,22 +197,7 @@ def preload() -> None:
 
     import filelock  # noqa: F401
 
-    import nichooks.cli
-    import nichooks.custom
-    import nichooks.entry
-    import nichooks.hooks
-    import nichooks.net_common.announce
-    import nichooks.net_common.bridge
-    import nichooks.net_common.netlink
-    import nichooks.net_common.openflow
-    import nichooks.net_common.openvswitch
-    import nichooks.net_common.ovsdb
-    import nichooks.net_common.routed
-    import nichooks.shellvars
-    import nichooks.sources.ganeti_kvm
-    import nichooks.sources.xen
-    import nichooks.vif  # noqa: F401
-    from nichooks.plan import load_backends
+    from nichooks.engine.plan import load_backends
 
     load_backends()
     try:

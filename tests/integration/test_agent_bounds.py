@@ -75,8 +75,8 @@ def test_agent_remembers_only_devices_journals_depend_on(site: Site) -> None:
     assert site.hook("kvm-ifup", "tap0").returncode == 0
     program = textwrap.dedent("""
         from nichooks import settings
-        from nichooks.agent import Agent
-        from nichooks.net_common.linkwatch import LinkEvent
+        from nichooks.ops.agent import Agent
+        from nichooks.host.linkwatch import LinkEvent
 
         agent = Agent(settings.load())
         agent._refresh_refs(force=True)

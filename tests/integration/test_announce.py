@@ -48,7 +48,7 @@ class Lan:
         """Run `call` in the host namespace with both functions imported."""
         return self.host.run(
             sys.executable, "-c",
-            "from nichooks.net_common.announce import gratuitous_arp, unsolicited_na\n" + call,
+            "from nichooks.host.announce import gratuitous_arp, unsolicited_na\n" + call,
             check=False, timeout=10)
 
     def neigh(self, addr: str) -> dict[str, Any] | None:
@@ -264,7 +264,7 @@ def test_unsolicited_na_without_entry(lan: Lan, untracked: str, forwarding: str,
 
 ERROR_PROBE = """
 from nichooks.errors import PlumbingError
-from nichooks.net_common.announce import AnnounceError, gratuitous_arp, unsolicited_na
+from nichooks.host.announce import AnnounceError, gratuitous_arp, unsolicited_na
 try:
     {call}
 except AnnounceError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nichooks.journal import Journal
+from nichooks.engine.journal import Journal
 from tests.integration.bridged_env import Site
 from tests.support.hooks import one_line
 from tests.support.scripts import write_script

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nichooks.net_common.openflow import cookie
+from nichooks.host.openflow import cookie
 from tests.integration.ovs_env import Guest, Switch
 from tests.integration.test_ovs import plug
 from tests.support.constants import HAVE_OVS, NO_OVS

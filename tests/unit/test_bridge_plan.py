@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from nichooks import nic as nicmod
+from nichooks.engine.plan import UNDO, load_backends
 from nichooks.errors import PlumbingError
-from nichooks.net_common import bridge
-from nichooks.net_common.netlink import LinkState
-from nichooks.plan import UNDO, load_backends
+from nichooks.host.netlink import LinkState
+from nichooks.model import nic as nicmod
+from nichooks.modes import bridged as bridge
 
 
 class FakeNet:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nichooks.custom import list_scripts, run_scripts
+from nichooks.engine.custom import list_scripts, run_scripts
 from nichooks.log import HookLog
 from tests.support.scripts import write_script
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nichooks.sources.ganeti_kvm import find_tap, nic_env_for_tap
+from nichooks.callers.ganeti_runtime import find_tap, nic_env_for_tap
 
 NET_UUID = "0d6e4e55-3a5c-4b8f-9b1e-6c2b1f0a9e77"
 DEAD_PID = 2**22 + 7  # above any pid_max: never a running process

@@ -23,15 +23,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nichooks import nic as nicmod
 from nichooks import settings as settingsmod
-from nichooks import validate
+from nichooks.callers import xen
+from nichooks.callers.shellvars import MAX_FILE, read_assignments
+from nichooks.callers.xen_vif import backend_path
+from nichooks.engine.journal import CorruptJournal, Journal, check_key
 from nichooks.errors import InvalidInput
-from nichooks.journal import CorruptJournal, Journal, check_key
-from nichooks.shellvars import MAX_FILE, read_assignments
-from nichooks.sources import xen
-from nichooks.vif import backend_path
-from nichooks.vlan import parse_vlan
+from nichooks.model import nic as nicmod
+from nichooks.model import validate
+from nichooks.model.vlan import parse_vlan
 from tests.unit.test_shellvars import bash_own_names, bash_source
 
 N_TEXT = 400        # per validator: arbitrary and trap-laden text
@@ -307,7 +307,7 @@ def test_journal_with_a_huge_number() -> None:
 
 
 def test_journal_nested_too_deep(tmp_path: Path) -> None:
-    from nichooks.journal import Store
+    from nichooks.engine.journal import Store
 
     store = Store(tmp_path)
     store.ensure()

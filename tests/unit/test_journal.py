@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nichooks.engine.journal import CorruptJournal, Journal, Record, Store, check_key
 from nichooks.errors import InvalidInput, PlumbingError
-from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
-from nichooks.validate import ifname
+from nichooks.model.validate import ifname
 
 KEY = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 

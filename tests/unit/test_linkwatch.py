@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from nichooks.net_common.linkwatch import RTM_DELLINK, RTM_NEWLINK, decode
+from nichooks.host.linkwatch import RTM_DELLINK, RTM_NEWLINK, decode
 
 
 def message(kind: int, index: int, name: str, *, family: int = socket.AF_UNSPEC,

@@ -7,8 +7,8 @@ import ipaddress
 
 import pytest
 
-from nichooks import nic as nicmod
 from nichooks.errors import InvalidInput
+from nichooks.model import nic as nicmod
 
 UUID = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nichooks.net_common.openflow import (
+from nichooks.host.openflow import (
     COOKIE_PREFIX,
     P_DENY,
     P_DROP,
@@ -77,7 +77,7 @@ def test_only_flows_shaped_like_ours_are_parsed_from_a_dump() -> None:
     """The sweep deletes a dumped flow only if it is shaped like one `add` makes (table
     0, no timeouts or flags, one of our priorities, on an in_port): anything else
     with our cookie prefix is someone else's, and is not even parsed."""
-    from nichooks.net_common.openflow import Flow, parse_flow
+    from nichooks.host.openflow import Flow, parse_flow
 
     ours = parse_flow(" cookie=0x4e484bcb71960b5f, priority=1150,udp,in_port=12,tp_dst=68 actions=drop")
     assert ours == Flow(0x4E484BCB71960B5F, 1150, "udp,in_port=12,tp_dst=68")

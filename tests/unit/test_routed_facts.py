@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nichooks import nic as nicmod
 from nichooks.errors import InvalidInput, PlumbingError
-from nichooks.net_common.netlink import AF_INET, AF_INET6, sysctl_name
-from nichooks.net_common.routed import addresses, eui64, resolve_table
+from nichooks.host.netlink import AF_INET, AF_INET6, sysctl_name
+from nichooks.model import nic as nicmod
+from nichooks.modes.routed import addresses, eui64, resolve_table
 
 
 def test_eui64_matches_slaac() -> None:

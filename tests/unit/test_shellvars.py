@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nichooks.callers.shellvars import parse_assignments
 from nichooks.errors import InvalidInput
-from nichooks.shellvars import parse_assignments
 
 BASH = shutil.which("bash") or "/bin/bash"
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nichooks.errors import InvalidInput
-from nichooks.vlan import MAX_TEXT_LEN, VlanSpec, parse_vlan
+from nichooks.model.vlan import MAX_TEXT_LEN, VlanSpec, parse_vlan
 
 # (text, access, trunks, ovs_vlan_mode, canonical)
 VALID = [

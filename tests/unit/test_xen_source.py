@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pytest_subprocess import FakeProcess
 
+from nichooks.callers import xen
 from nichooks.errors import InvalidInput, PlumbingError
-from nichooks.nic import from_variables
-from nichooks.sources import xen
+from nichooks.model.nic import from_variables
 
 ENV = {"PATH": "/nonexistent"}
 

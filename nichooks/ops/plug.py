@@ -14,19 +14,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn
 
-from nichooks import nic as nicmod
 from nichooks import settings as settingsmod
-from nichooks import validate
+from nichooks.engine.journal import CorruptJournal, Journal, JournalWriteError, Record, Store, check_key
+from nichooks.engine.locks import acquire, lock_names
+from nichooks.engine.plan import UNDO, Plan, Step, load_backends
 from nichooks.errors import InvalidInput, NicHooksError, PlumbingError
-from nichooks.host import Host
-from nichooks.journal import CorruptJournal, Journal, JournalWriteError, Record, Store, check_key
-from nichooks.locks import acquire, lock_names
+from nichooks.host.host import Host
+from nichooks.host.netlink import NetlinkError
 from nichooks.log import HookLog
-from nichooks.net_common.netlink import NetlinkError
-from nichooks.plan import UNDO, Plan, Step, load_backends
+from nichooks.model import nic as nicmod
+from nichooks.model import validate
 
 if TYPE_CHECKING:
-    from nichooks.custom import ScriptFailure
+    from nichooks.engine.custom import ScriptFailure
 
 UP_CONTEXTS = ("start", "migrate", "hot-add")
 DOWN_CONTEXTS = ("shutdown", "migrate", "migrate-failed", "hot-unplug", "vanished")
@@ -67,7 +67,7 @@ def nic_for_ifup(request: Request,
     else:
         raise InvalidInput("INTERFACE", "is not set and no TAP argument was given")
     spec = settings.specs_dir / tap
-    from nichooks.shellvars import read_assignments
+    from nichooks.callers.shellvars import read_assignments
 
     found = read_assignments(spec)  # a regular file only: a FIFO must not hang QEMU
     if found is None:
@@ -83,23 +83,23 @@ def nic_for_ifup(request: Request,
 def build_plan(nic: nicmod.Nic, net: Host, settings: settingsmod.Settings) -> Plan:
     """Preflight and plan for the NIC's mode; raises before anything is changed."""
     if nic.mode == "bridged":
-        from nichooks.net_common import bridge
+        from nichooks.modes import bridged as bridge
 
         return bridge.plan(nic, net)
     if nic.mode == "openvswitch":
-        from nichooks.net_common import openvswitch
+        from nichooks.modes import openvswitch
 
         return openvswitch.plan(nic, net, settings)
     if nic.mode == "routed" and nic.device:
         # Only the NIC's main device carries the routes and proxies; the guest talks
         # through one of the two at a time (the emulated NIC until its PV driver loads).
-        from nichooks.net_common.link import SetLink
+        from nichooks.host.steps.link import SetLink
 
         return Plan(mode="routed", nic_label=nic.label(), steps=[SetLink(nic.tap, "up", True)],
                     notes=[f"routed: {nic.tap} is a second device of the NIC; only its main "
                            "device carries the routes"])
     if nic.mode == "routed":
-        from nichooks.net_common import routed
+        from nichooks.modes import routed
 
         return routed.plan(nic, net, settings)
     if nic.mode == "ext":
@@ -407,7 +407,7 @@ def _rollback(store: Store, net: Host, nic: nicmod.Nic, journal: Journal, log: H
 def run_custom(settings: settingsmod.Settings, tap: str, env: Mapping[str, str],
                 variables: Mapping[str, str], action: str, context: str, log: HookLog,
                 *, stop_on_failure: bool) -> list[ScriptFailure]:
-    from nichooks import custom
+    from nichooks.engine import custom
 
     # Only the NIC's own variables, from a journal that may have been tampered with: never
     # PATH or LD_PRELOAD for root-run scripts, never a NUL that execve refuses.
@@ -423,7 +423,7 @@ def announce(announcements: list[tuple[str, str]], log: HookLog) -> None:
     back because one announcement could not be sent (the router will ARP anyway)."""
     if not announcements:
         return
-    from nichooks.net_common.announce import gratuitous_arp, unsolicited_na
+    from nichooks.host.announce import gratuitous_arp, unsolicited_na
 
     for dev, addr in announcements:
         try:
@@ -437,7 +437,7 @@ def announce(announcements: list[tuple[str, str]], log: HookLog) -> None:
 def announce_now(request: Request) -> None:
     """`nichooks announce TAP`: after switchover on a migration target, add the uplink
     proxy entries ifup held back and announce every address of the NIC."""
-    from nichooks.net_common import routed
+    from nichooks.modes import routed
 
     settings = settingsmod.load(request.env)
     tap = validate.ifname("argument TAP", request.tap or request.env.get("INTERFACE", ""))
@@ -500,7 +500,7 @@ def _find_key(env: Mapping[str, str], tap: str | None, store: Store,
         owner = store.tap_owner(tap)
         if owner:
             return owner
-        from nichooks.sources.ganeti_kvm import nic_env_for_tap
+        from nichooks.callers.ganeti_runtime import nic_env_for_tap
 
         found = nic_env_for_tap(settings.ganeti_run_dir, tap)
         if found and found.get("INTERFACE_UUID"):

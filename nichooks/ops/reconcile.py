@@ -16,18 +16,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from nichooks import nic as nicmod
-from nichooks import validate
+from nichooks.engine.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.engine.plan import PRESENT, Step, load_backends
 from nichooks.errors import InvalidInput, LockTimeout, NicHooksError, PlumbingError
-from nichooks.host import Host
-from nichooks.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.host.host import Host
 from nichooks.log import HookLog
-from nichooks.plan import PRESENT, Step, load_backends
+from nichooks.model import nic as nicmod
+from nichooks.model import validate
 from nichooks.settings import Settings
 
 if TYPE_CHECKING:
-    from nichooks.net_common.openflow import Flow
-    from nichooks.net_common.ovsdb import MarkedPort
+    from nichooks.host.openflow import Flow
+    from nichooks.host.ovsdb import MarkedPort
 
 PRESENT_DEVICE, GONE, RENAMED = "present", "gone", "renamed"
 BUSY_TIMEOUT = 2.0  # a sweep skips a NIC a hook holds for longer; the next sweep gets it
@@ -72,7 +72,7 @@ def device_state(net: Host, journal: Journal) -> str:
 
 @contextmanager
 def locked(store: Store, key: str, timeout: float) -> Iterator[None]:
-    from nichooks.hooks import lock_nic
+    from nichooks.ops.plug import lock_nic
 
     with ExitStack() as stack:
         lock_nic(stack, store, key, None, timeout, key)
@@ -92,7 +92,7 @@ def _load(store: Store, key: str, dry_run: bool, log: HookLog) -> Journal | Acti
 
 def undo_whole(store: Store, net: Host, journal: Journal, log: HookLog) -> list[Record]:
     """Replay every record backwards; forget the journal, or keep what failed."""
-    from nichooks.hooks import undo_records
+    from nichooks.ops.plug import undo_records
 
     failed = undo_records(net, journal.records, log)
     if failed:
@@ -179,7 +179,7 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
         return [], None
     if dry_run:
         return [Action(name, "retried", f"would retry {len(retry)} failed undo records")], None
-    from nichooks.hooks import undo_records
+    from nichooks.ops.plug import undo_records
 
     still = undo_records(net, retry, log)
     journal.records = [r for r in journal.records if r not in retry or r in still]
@@ -198,7 +198,7 @@ def run_teardowns(settings: Settings, teardowns: list[Teardown], log: HookLog) -
     """The administrator's ifdown scripts for NICs undone late, context `vanished`."""
     import os
 
-    from nichooks.hooks import run_custom
+    from nichooks.ops.plug import run_custom
 
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
     for t in teardowns:
@@ -250,7 +250,7 @@ def _claimed_cookies(store: Store) -> set[int]:
     readable or moved aside as corrupt (a journal we cannot read is not proof that its
     NIC is gone: a format from another version, a bad disk), and recorded in the flow
     records of the readable ones."""
-    from nichooks.net_common.openflow import cookie
+    from nichooks.host.openflow import cookie
 
     claimed = {cookie(k) for k in set(store.journal_keys()) | store.quarantined_keys()}
     for _key, journal in store.journals():
@@ -290,9 +290,9 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
     """
     if not ovs_present(settings):
         return []
-    from nichooks.net_common import ovsdb as db
-    from nichooks.net_common.openflow import cookie
-    from nichooks.net_common.openvswitch import flows_withheld
+    from nichooks.host import ovsdb as db
+    from nichooks.host.openflow import cookie
+    from nichooks.modes.openvswitch import flows_withheld
 
     deadline = time.monotonic() + settings.ovs_timeout
     try:
@@ -356,7 +356,7 @@ def _delete_orphans(store: Store, net: Host, settings: Settings, key: str, orpha
     """Delete what one NIC left, under the NIC's lock and only if no journal claims it
     then: a hook plugging that NIC right now holds the lock, and writes its journal
     before it adds anything, so what it plugs is never taken for an orphan."""
-    from nichooks.net_common.openflow import cookie
+    from nichooks.host.openflow import cookie
 
     value = cookie(key)
     if dry_run:
@@ -405,7 +405,7 @@ def _delete_orphans(store: Store, net: Host, settings: Settings, key: str, orpha
 def journaled_steps(net: Host, settings: Settings, journal: Journal) -> list[Step]:
     """The NIC's plan rebuilt from the journal's variables, limited to the steps the
     journal says were applied (a routed NIC past switchover has its uplink entries)."""
-    from nichooks.hooks import build_plan
+    from nichooks.ops.plug import build_plan
 
     variables = dict(journal.variables)
     if journal.mode == "routed" and not journal.deferred:
@@ -422,7 +422,7 @@ def journaled_steps(net: Host, settings: Settings, journal: Journal) -> list[Ste
         # Uplink proxy entries come from the journal itself: the plan finds the uplink
         # through the default route, which an uplink's down/up removes until the
         # operator's network configuration puts it back, while the entries are wanted.
-        from nichooks.net_common.routed import ProxyNeigh
+        from nichooks.modes.routed import ProxyNeigh
 
         for r in journal.records:
             if (r.kind == "route.proxy" and r.status != "failed" and not r.undo.get("foreign")
@@ -463,7 +463,7 @@ def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
         steps = journaled_steps(net, settings, journal)
     except NicHooksError as exc:
         return [f"cannot rebuild the plan to compare: {exc}"]
-    from nichooks.hooks import read_back
+    from nichooks.ops.plug import read_back
 
     for step in steps:
         mismatch = read_back(step, net)
@@ -506,7 +506,7 @@ def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, 
         if device_state(net, journal) != PRESENT_DEVICE:
             return []  # the device went while we looked: the vanished path takes over
         return [Action(name, "failed", f"cannot rebuild the plan: {exc}", ok=False)]
-    from nichooks.hooks import _cause, read_back
+    from nichooks.ops.plug import _cause, read_back
 
     actions: list[Action] = []
     for step in steps:

@@ -9,11 +9,11 @@ port brought up.
 
 from __future__ import annotations
 
+from nichooks.engine.plan import Plan, Step
 from nichooks.errors import PlumbingError
-from nichooks.net_common.link import BridgeVlans, SetLink
-from nichooks.net_common.netlink import LinkState, Netlink
-from nichooks.nic import Nic
-from nichooks.plan import Plan, Step
+from nichooks.host.netlink import LinkState, Netlink
+from nichooks.host.steps.link import BridgeVlans, SetLink
+from nichooks.model.nic import Nic
 
 
 def describe_non_bridge(link: LinkState, net: Netlink) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from nichooks.journal import Record
+from nichooks.engine.journal import Record
 
 
 class Step(Protocol):
@@ -67,9 +67,9 @@ def checks(kind: str) -> Callable[[PresentFn], PresentFn]:
 def load_backends() -> None:
     """Import every module that registers undo kinds (cheap: none imports a
     netlink or OVSDB library at module level)."""
-    import nichooks.net_common.link
-    import nichooks.net_common.openvswitch
-    import nichooks.net_common.routed  # noqa: F401
+    import nichooks.host.steps.link
+    import nichooks.modes.openvswitch
+    import nichooks.modes.routed  # noqa: F401
 
 
 @dataclass

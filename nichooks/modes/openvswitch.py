@@ -16,16 +16,16 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nichooks.engine.journal import Record
+from nichooks.engine.plan import Plan, Step, checks, undoes
 from nichooks.errors import PlumbingError
-from nichooks.journal import Record
-from nichooks.net_common import ovsdb as db
-from nichooks.net_common.link import SetLink
-from nichooks.net_common.openflow import Guest, antispoof_flows, cookie
-from nichooks.nic import Nic
-from nichooks.plan import Plan, Step, checks, undoes
+from nichooks.host import ovsdb as db
+from nichooks.host.openflow import Guest, antispoof_flows, cookie
+from nichooks.host.steps.link import SetLink
+from nichooks.model.nic import Nic
 
 if TYPE_CHECKING:
-    from nichooks.host import Host
+    from nichooks.host.host import Host
     from nichooks.settings import Settings
 
 
@@ -52,7 +52,7 @@ def guest_addresses(nic: Nic) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(IPv4, IPv6) the guest may send from: IP, and the EUI-64 address of the MAC in
     NETWORK_SUBNET6 when that is a /64 (what SLAAC gives a guest without privacy
     addresses)."""
-    from nichooks.net_common.routed import eui64
+    from nichooks.modes.routed import eui64
 
     v4: list[str] = []
     v6: list[str] = []

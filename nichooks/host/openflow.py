@@ -64,7 +64,7 @@ class Guest:
     @property
     def link_local(self) -> str:
         """The guest's EUI-64 link-local address (what the kernel derives by default)."""
-        from nichooks.net_common.routed import eui64
+        from nichooks.modes.routed import eui64
 
         return eui64("fe80::/64", self.mac)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nichooks.journal import Record
-from nichooks.net_common.netlink import LinkState, Netlink, NetlinkError, ignore_gone
-from nichooks.plan import checks, undoes
+from nichooks.engine.journal import Record
+from nichooks.engine.plan import checks, undoes
+from nichooks.host.netlink import LinkState, Netlink, NetlinkError, ignore_gone
 
 ATTRS = ("mac", "mtu", "master", "up")
 

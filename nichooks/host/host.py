@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nichooks.net_common.netlink import Routing
+from nichooks.host.netlink import Routing
 
 if TYPE_CHECKING:
-    from nichooks.net_common.openflow import OpenFlow
-    from nichooks.net_common.ovsdb import Ovsdb
+    from nichooks.host.openflow import OpenFlow
+    from nichooks.host.ovsdb import Ovsdb
     from nichooks.settings import Settings
 
 
@@ -27,13 +27,13 @@ class Host(Routing):
 
     def ovsdb(self) -> Ovsdb:
         if self._ovsdb is None:
-            from nichooks.net_common.ovsdb import Ovsdb
+            from nichooks.host.ovsdb import Ovsdb
 
             self._ovsdb = Ovsdb(self.settings.ovsdb, self.settings.ovs_timeout)
         return self._ovsdb
 
     def openflow(self) -> OpenFlow:
-        from nichooks.net_common.openflow import OpenFlow
+        from nichooks.host.openflow import OpenFlow
 
         return OpenFlow(self.settings.ovs_rundir, self.settings.ovs_timeout)
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nichooks.engine.journal import Record
+from nichooks.engine.plan import Plan, Step, checks, undoes
 from nichooks.errors import InvalidInput, PlumbingError
-from nichooks.journal import Record
-from nichooks.net_common.link import SetLink, require_link
-from nichooks.net_common.netlink import (
+from nichooks.host.netlink import (
     AF_INET,
     AF_INET6,
     GONE,
@@ -42,8 +42,8 @@ from nichooks.net_common.netlink import (
     sysctl_read,
     sysctl_write,
 )
-from nichooks.nic import Nic
-from nichooks.plan import Plan, Step, checks, undoes
+from nichooks.host.steps.link import SetLink, require_link
+from nichooks.model.nic import Nic
 from nichooks.settings import Settings
 
 MAIN_TABLE = 254

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from nichooks import settings as settingsmod
+from nichooks.engine.journal import CorruptJournal, Journal, Store
+from nichooks.engine.plan import load_backends
 from nichooks.errors import EXIT_OK, LockTimeout, PlumbingError
-from nichooks.host import Host
-from nichooks.journal import CorruptJournal, Journal, Store
+from nichooks.host.host import Host
+from nichooks.host.linkwatch import LinkEvent, LinkWatch, Overflow
 from nichooks.log import HookLog
-from nichooks.net_common.linkwatch import LinkEvent, LinkWatch, Overflow
-from nichooks.plan import load_backends
-from nichooks.reconcile import Action, Teardown, locked, ovs_present, repair, run_teardowns, settle, sweep
+from nichooks.ops.reconcile import Action, Teardown, locked, ovs_present, repair, run_teardowns, settle, sweep
 
 SWEEP_EVERY = 15      # intervals between full sweeps (events lost without ENOBUFS)
 BURST = 0.02          # seconds to gather a burst of events before acting on it
@@ -232,7 +232,7 @@ class Agent:
                     if j is not None and j.mode == "openvswitch" and j.state == "applied"]
         if not journals or not ovs_present(self.settings):
             return
-        from nichooks.net_common import ovsdb as db
+        from nichooks.host import ovsdb as db
 
         deadline = time.monotonic() + self.settings.ovs_timeout
         try:

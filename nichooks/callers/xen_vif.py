@@ -21,7 +21,7 @@ from nichooks.errors import EXIT_OK, InvalidInput, NicHooksError
 from nichooks.log import HookLog
 
 if TYPE_CHECKING:
-    from nichooks.sources.xen import XenStore
+    from nichooks.callers.xen import XenStore
 
 COMMANDS = {"online": "vif", "offline": "vif", "add": "tap", "remove": "tap"}
 USAGE = "usage: vif-ganeti online|offline|add|remove [type_if=vif|tap]"
@@ -91,7 +91,7 @@ def _report_failure(env: Mapping[str, str], backend: str, line: str) -> None:
     xenstore must not hide the original error."""
     if not backend:
         return
-    from nichooks.sources.xen import XenStore
+    from nichooks.callers.xen import XenStore
 
     try:
         XenStore(env).write((f"{backend}/hotplug-error", line.removeprefix("nichooks: ")),
@@ -101,11 +101,11 @@ def _report_failure(env: Mapping[str, str], backend: str, line: str) -> None:
 
 
 def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
-    from nichooks import hooks
-    from nichooks import nic as nicmod
     from nichooks import settings as settingsmod
+    from nichooks.callers import xen
     from nichooks.entry import print_warnings
-    from nichooks.sources import xen
+    from nichooks.model import nic as nicmod
+    from nichooks.ops import plug as hooks
 
     command, type_if = _arguments(argv)
     if COMMANDS[command] != type_if:
@@ -173,8 +173,8 @@ def _current_name(store: XenStore, backend: str, vif: str) -> str:
 def _rename_to_vifname(store: XenStore, backend: str, vif: str, log: HookLog) -> str:
     """Xen's vif-common: with xenstore `vifname` set, the vif is renamed (down first)
     before anything else, and everything after uses the new name."""
-    from nichooks import validate
-    from nichooks.net_common.netlink import Netlink
+    from nichooks.host.netlink import Netlink
+    from nichooks.model import validate
 
     vifname = store.read(f"{backend}/vifname") if backend else None
     if not vifname or vifname == vif:

@@ -12,9 +12,9 @@ import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nichooks import validate
 from nichooks.errors import InvalidInput
-from nichooks.vlan import VlanSpec, parse_vlan
+from nichooks.model import validate
+from nichooks.model.vlan import VlanSpec, parse_vlan
 
 MODES = ("bridged", "openvswitch", "routed", "ext")
 

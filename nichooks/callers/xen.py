@@ -86,7 +86,7 @@ def domain_name(domid: int, env: Mapping[str, str]) -> tuple[str, bool]:
 
     The name is checked before it is used: it becomes a path component of the NIC
     file (`..` or a `/` would read a file elsewhere) and the INSTANCE of the NIC."""
-    from nichooks import validate
+    from nichooks.model import validate
 
     done = _run([_tool("xl", env), "domname", str(domid)], env)
     name = done.stdout.strip()
@@ -106,7 +106,7 @@ def nic_file(run_dir: Path, instance: str, devid: int) -> Path:
 def read_nic_file(path: Path) -> dict[str, str] | None:
     """Ganeti's variables for the NIC, parsed as bash would source them; None if absent.
     Only a regular file is read (shellvars.read_assignments: a FIFO cannot hang us)."""
-    from nichooks.shellvars import read_assignments
+    from nichooks.callers.shellvars import read_assignments
 
     return read_assignments(path)
 
@@ -114,7 +114,7 @@ def read_nic_file(path: Path) -> dict[str, str] | None:
 def _is_linux_bridge(name: str) -> bool:
     """Whether `name` is a Linux bridge here; False for anything that is not a
     device name (xenstore is input too: no path outside /sys/class/net is looked at)."""
-    from nichooks import validate
+    from nichooks.model import validate
 
     try:
         validate.ifname("bridge", name)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nichooks.errors import InvalidInput, PlumbingError, UntrustedPath
-from nichooks.validate import ifname
+from nichooks.model.validate import ifname
 
 FORMAT = 1
 MAX_JOURNAL = 4 << 20  # bytes: far above any real journal, far below a runaway file
