@@ -10,20 +10,22 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from nichooks.entry import kvm_ifdown, kvm_ifup, run_guarded, single_line
+from nichooks.entry import kvm_ifdown, kvm_ifup
 from nichooks.errors import EXIT_OK, EXIT_PLUMBING
+from nichooks.guard import run_guarded, single_line
 
 
 def _plan(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
+    from nichooks.callers.ganeti import nic_for_ifup
     from nichooks.host.host import Host
-    from nichooks.ops.plug import Request, build_plan, nic_for_ifup
+    from nichooks.modes import registry
 
     settings = settingsmod.load(os.environ)
-    nic, _ignored = nic_for_ifup(Request(env=os.environ, tap=args.tap), settings)
+    nic, _ignored = nic_for_ifup(os.environ, args.tap, settings.specs_dir)
     net = Host(settings)
     try:
-        plan = build_plan(nic, net, settings)
+        plan = registry.get(nic.mode).plan(nic, net, settings)
     finally:
         net.close()
     if args.json:
@@ -40,11 +42,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.engine.journal import Store
-    from nichooks.engine.plan import PRESENT, load_backends
+    from nichooks.engine.store import Store
     from nichooks.host.host import Host
+    from nichooks.ops.verify import check_records
 
-    load_backends()
     settings = settingsmod.load(os.environ)
     store = Store(settings.state_dir)
     store.check()
@@ -55,14 +56,8 @@ def _status(args: argparse.Namespace) -> int:
             if journal is None:
                 rows.append({"key": key, "error": "unreadable journal"})
                 continue
-            items = []
-            for record in journal.records:
-                check = PRESENT.get(record.kind)
-                try:
-                    present = check(net, record.undo) if check else None
-                except Exception:
-                    present = None
-                items.append({"step": record.step, "present": present, "status": record.status})
+            items = [{"step": c.record.step, "present": c.present, "status": c.record.status}
+                     for c in check_records(net, journal)]
             rows.append({"key": key, "instance": journal.instance, "uuid": journal.key,
                          "tap": journal.tap, "mode": journal.mode, "link": journal.link,
                          "state": journal.state, "context": journal.context, "items": items})
@@ -89,7 +84,7 @@ def _status(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
     from nichooks.log import HookLog
-    from nichooks.ops.reconcile import sweep
+    from nichooks.ops.sweep import sweep
 
     settings = settingsmod.load(os.environ)
     log = HookLog(verbose=args.verbose or settings.debug, context="sweep")
@@ -104,13 +99,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from nichooks import settings as settingsmod
-    from nichooks.engine.journal import CorruptJournal, Store
-    from nichooks.engine.plan import load_backends
+    from nichooks.engine import transaction as txn
+    from nichooks.engine.locks import locked
+    from nichooks.engine.store import Store
     from nichooks.host.host import Host
     from nichooks.log import HookLog
-    from nichooks.ops.reconcile import drift, label, locked, repair, select
+    from nichooks.ops.settle import label
+    from nichooks.ops.verify import drift, repair, select
 
-    load_backends()
     settings = settingsmod.load(os.environ)
     store = Store(settings.state_dir)
     store.check()
@@ -121,20 +117,19 @@ def _verify(args: argparse.Namespace) -> int:
         keys = select(store, args.nic)
         for key in keys:
             with locked(store, key, settings.lock_timeout):
-                try:
-                    journal = store.load(key)
-                except CorruptJournal as exc:
+                journal = txn.load(store, key, log, move_aside=args.repair)
+                if isinstance(journal, txn.Unreadable):
                     drifted += 1
-                    print(f"DRIFT {key}: unreadable journal: {exc}")
+                    print(single_line(f"DRIFT {key}: {journal.line()}"))
                     continue
                 if journal is None:
                     continue
-                found = drift(net, settings, journal)
+                found = drift(net, journal)
                 if found and args.repair:
-                    for action in repair(store, net, settings, key, log):
+                    for action in repair(store, net, key, log):
                         print(single_line(f"  {action.line()}"))
                     journal = store.load(key) or journal
-                    found = drift(net, settings, journal)
+                    found = drift(net, journal)
             if found:
                 drifted += 1
                 print(single_line(f"DRIFT {label(journal)}"))
@@ -156,9 +151,13 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _announce(args: argparse.Namespace) -> int:
-    from nichooks.ops.plug import Request, announce_now
+    from nichooks import settings as settingsmod
+    from nichooks.model import validate
+    from nichooks.ops.plug import switchover
 
-    announce_now(Request(env=os.environ, tap=args.tap, verbose=args.verbose))
+    settings = settingsmod.load(os.environ)
+    tap = validate.ifname("argument TAP", args.tap or os.environ.get("INTERFACE", ""))
+    switchover(settings, tap, verbose=args.verbose)
     return EXIT_OK
 
 

@@ -65,3 +65,20 @@ class LockTimeout(PlumbingError):
 class UntrustedPath(PlumbingError):
     """A settings file or state directory someone other than root can write: acting
     on it would let that user steer what root does."""
+
+
+class NetlinkError(Exception):
+    """The kernel refused a netlink request; `code` is its errno."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong, in one short phrase for an error line or a journal record."""
+    if isinstance(exc, NetlinkError):
+        return f"{exc} (errno {exc.code})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__

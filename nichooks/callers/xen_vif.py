@@ -64,7 +64,7 @@ def backend_path(env: Mapping[str, str]) -> str:
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    from nichooks.entry import run_guarded, single_line
+    from nichooks.guard import run_guarded, single_line
 
     env = dict(os.environ if env is None else env)
     verbose = any(a in ("-v", "--verbose") for a in argv[1:])
@@ -101,11 +101,15 @@ def _report_failure(env: Mapping[str, str], backend: str, line: str) -> None:
 
 
 def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
+    from dataclasses import replace
+
     from nichooks import settings as settingsmod
     from nichooks.callers import xen
-    from nichooks.entry import print_warnings
+    from nichooks.callers.ganeti import unplug
+    from nichooks.guard import print_warnings
     from nichooks.model import nic as nicmod
-    from nichooks.ops import plug as hooks
+    from nichooks.modes.registry import nic_from_variables
+    from nichooks.ops.plug import ifup
 
     command, type_if = _arguments(argv)
     if COMMANDS[command] != type_if:
@@ -125,9 +129,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
             _current_name(store, backend, vif)
 
     if command in ("offline", "remove"):
-        request = hooks.Request(env={**env, "INTERFACE": dev}, tap=dev, context="shutdown",
-                                verbose=verbose)
-        print_warnings(hooks.ifdown(request))
+        print_warnings(unplug({**env, "INTERFACE": dev}, dev, "shutdown", verbose))
         return EXIT_OK
 
     instance, incoming = xen.domain_name(domid, env)
@@ -153,10 +155,10 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     variables.setdefault("INTERFACE_INDEX", str(devid))
     if incoming:
         variables.setdefault("MIGRATION_PHASE", "pre")
-    request = hooks.Request(env=env, variables=variables, tap=dev,
-                            context="migrate" if incoming else None, verbose=verbose,
-                            device=EMU if type_if == "tap" else "")
-    hooks.ifup(request)
+    nic = nic_from_variables(variables, tap=dev)
+    if type_if == "tap":
+        nic = replace(nic, device=EMU)  # its own journal key: neither plug undoes the other
+    ifup(settings, nic, env=env, context="migrate" if incoming else None, verbose=verbose)
     if type_if == "vif" and backend:
         store.write((f"{backend}/hotplug-status", "connected"))
     return EXIT_OK

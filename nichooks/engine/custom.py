@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nichooks.log import HookLog
+from nichooks.model.nic import GANETI_VARS
 from nichooks.trust import untrusted_reason
 
 # run-parts --lsbsysinit style: skip backups, dpkg leftovers and dotfiles.
@@ -309,3 +310,17 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
     if proc.poll() is None:
         proc.wait()
+
+
+def run_custom(conf_dir: Path, timeout: float, tap: str, env: Mapping[str, str],
+               variables: Mapping[str, str], action: str, context: str, log: HookLog,
+               *, stop_on_failure: bool) -> list[ScriptFailure]:
+    """The administrator's if<action>.d scripts for one NIC, with the caller's
+    environment and the NIC's own variables. The variables may come from a journal
+    that was tampered with: only Ganeti's names, never PATH or LD_PRELOAD for root-run
+    scripts, never a NUL that execve refuses."""
+    nic_vars = {k: v for k, v in variables.items()
+                if k in GANETI_VARS and "\0" not in v and "=" not in k}
+    script_env = {**env, **nic_vars, "ACTION": action, "NICHOOKS_CONTEXT": context}
+    return run_scripts(conf_dir / f"if{action}.d", tap, script_env, timeout, log,
+                       stop_on_failure=stop_on_failure)

@@ -1,75 +1,15 @@
-"""Plans: ordered steps, each with an undo record that is plain JSON.
+"""A plan: the ordered steps of one plug, and what its mode does after the commit.
 
-A step is a small value object. `prepare` reads what the step is about to change
-and returns the undo record (so the journal can hold it before anything happens),
-`apply` does it, `verify` reads it back. Undo is looked up by the record's `kind`
-in a registry, never through the step object: ifdown rebuilds nothing from the
-environment, it replays records (DESIGN §2).
+Plans are data: `nichooks plan` prints one, the transaction applies one, tests read
+one. Steps are described in engine/records.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from nichooks.engine.journal import Record
-
-
-class Step(Protocol):
-    @property
-    def kind(self) -> str:
-        """The undo kind of the records this step writes."""
-
-    def describe(self) -> str:
-        """One line a person reads in `nichooks plan`."""
-
-    def as_data(self) -> dict[str, Any]:
-        """The step as data, for `nichooks plan --json` and plan-level tests."""
-
-    def prepare(self, net: Any) -> Record:
-        """Read the current state and return the undo record, changing nothing."""
-
-    def apply(self, net: Any) -> dict[str, Any] | None:
-        """Make the change; may return facts worth a log field (timings, counts)."""
-
-    def verify(self, net: Any) -> str | None:
-        """None if the kernel shows what was applied, else what differs."""
-
-
-UndoFn = Callable[[Any, dict[str, Any]], None]
-PresentFn = Callable[[Any, dict[str, Any]], bool]
-UNDO: dict[str, UndoFn] = {}
-PRESENT: dict[str, PresentFn] = {}
-
-
-def undoes(kind: str) -> Callable[[UndoFn], UndoFn]:
-    """Register the undo function for records of `kind`."""
-
-    def register(fn: UndoFn) -> UndoFn:
-        UNDO[kind] = fn
-        return fn
-
-    return register
-
-
-def checks(kind: str) -> Callable[[PresentFn], PresentFn]:
-    """Register the function that tells whether what a record of `kind` undoes is
-    still in place (for `nichooks status`, verify and the sweep)."""
-
-    def register(fn: PresentFn) -> PresentFn:
-        PRESENT[kind] = fn
-        return fn
-
-    return register
-
-
-def load_backends() -> None:
-    """Import every module that registers undo kinds (cheap: none imports a
-    netlink or OVSDB library at module level)."""
-    import nichooks.host.steps.link
-    import nichooks.modes.openvswitch
-    import nichooks.modes.routed  # noqa: F401
+from nichooks.engine.records import Step
 
 
 @dataclass
@@ -78,7 +18,7 @@ class Plan:
     nic_label: str
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts found in preflight worth showing
-    # routed mode: (uplink, address) to announce after the steps; uplink proxy entries
+    # routed mode: (uplink, address) to announce after the commit; uplink proxy entries
     # held back on a migration target until switchover ({"addr", "dev"} each)
     announcements: list[tuple[str, str]] = field(default_factory=list)
     deferred: list[dict[str, str]] = field(default_factory=list)

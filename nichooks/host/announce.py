@@ -207,7 +207,11 @@ def na_frame(mac: bytes, source: bytes, target: bytes) -> bytes:
 
 def eui64_link_local(mac: bytes) -> bytes:
     """fe80::/64 with the modified EUI-64 interface identifier of `mac`."""
-    return b"\xfe\x80" + b"\0" * 6 + bytes([mac[0] ^ 2, mac[1], mac[2], 0xFF, 0xFE]) + mac[3:6]
+    import ipaddress
+
+    from nichooks.model.addresses import LINK_LOCAL, eui64
+
+    return ipaddress.IPv6Address(eui64(LINK_LOCAL, mac.hex(":"))).packed
 
 
 def link_local(ifindex: int) -> tuple[bytes, bool] | None:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from nichooks.errors import NetlinkError
+
 # "Already gone": the kernel (or someone else) removed the object. Success on undo.
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 
@@ -41,12 +43,6 @@ class LinkState:
         if self.kind in ("bridge", "openvswitch", "bond"):
             return f"{self.name} is a {self.kind} device, not a guest tap"
         return None
-
-
-class NetlinkError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @contextmanager

@@ -64,9 +64,9 @@ class Guest:
     @property
     def link_local(self) -> str:
         """The guest's EUI-64 link-local address (what the kernel derives by default)."""
-        from nichooks.modes.routed import eui64
+        from nichooks.model.addresses import LINK_LOCAL, eui64
 
-        return eui64("fe80::/64", self.mac)
+        return eui64(LINK_LOCAL, self.mac)
 
 
 def antispoof_flows(guest: Guest) -> list[str]:

@@ -1,24 +1,27 @@
 """The NIC: one typed, validated object built from the caller's variables.
 
 Every source (Ganeti's environment, a spec file, Ganeti's runtime files, a Xen NIC
-file) is first turned into the variables Ganeti would have exported (contract §3),
-and this module is the only place that interprets them. One parser, one set of
-error messages, whatever the caller.
+file) is first turned into the variables Ganeti would have exported, and this module
+is the only place that interprets them: one parser, one set of error messages,
+whatever the caller. What LINK and VLAN mean depends on the mode: each mode's
+`validate` (modes/) applies its rules to the NIC built here, and
+modes.registry.nic_from_variables does both.
 """
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nichooks.errors import InvalidInput
 from nichooks.model import validate
 from nichooks.model.vlan import VlanSpec, parse_vlan
 
-MODES = ("bridged", "openvswitch", "routed", "ext")
+_MODE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
 
-# Every variable Ganeti passes to a NIC script (contract §3), plus ACTION and
+# Every variable Ganeti passes to a NIC script, plus ACTION and
 # MIGRATION_PHASE from Ganeti 3.2. These, and only these, are kept for custom scripts.
 GANETI_VARS = (
     "INSTANCE", "MAC", "MODE", "INTERFACE", "INTERFACE_INDEX", "INTERFACE_UUID",
@@ -82,7 +85,7 @@ class Nic:
 
     @property
     def key(self) -> str:
-        """The journal key: the NIC UUID (DESIGN §2), plus "-<device>" for a second device."""
+        """The journal key: the NIC UUID, plus "-<device>" for a second device."""
         return f"{self.uuid}-{self.device}" if self.device else self.uuid
 
     def label(self) -> str:
@@ -101,13 +104,14 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 
 
 def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
-    """Build and validate a NIC. `tap` (argv[1]) is used only when INTERFACE is unset:
-    when INTERFACE is set it is authoritative (DESIGN §4)."""
+    """Build and validate a NIC, all but the mode's own LINK and VLAN rules. `tap`
+    (argv[1]) is used only when INTERFACE is unset: when INTERFACE is set it is
+    authoritative."""
     mode = _get(env, "MODE")
     if mode is None:
-        raise InvalidInput("MODE", "is not set (one of: " + ", ".join(MODES) + ")")
-    if mode not in MODES:
-        raise InvalidInput("MODE", f"{mode!r} is not one of: " + ", ".join(MODES))
+        raise InvalidInput("MODE", "is not set")
+    if not _MODE_NAME.fullmatch(mode):
+        raise InvalidInput("MODE", f"{mode[:40]!r} is not a mode name")
 
     interface = _get(env, "INTERFACE")
     if interface is not None:
@@ -137,24 +141,12 @@ def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
     bridge = _get(env, "BRIDGE")
     if bridge is not None:
         validate.ifname("BRIDGE", bridge)
-        if mode == "bridged" and link is None:
-            link = bridge  # Ganeti 2.4 exported BRIDGE before LINK existed
     if link is not None:
-        if mode == "routed":
-            link = validate.table("LINK", link)
-        elif mode != "ext":
-            link = validate.ifname("LINK", link)
-        else:
-            # ext mode: the link means something only to the administrator's scripts,
-            # but it still reaches them, our journal and our log lines: no control
-            # characters (a newline would forge a line), bounded length.
-            link = validate.free_text("LINK", link)
-    elif mode in ("bridged", "openvswitch"):
-        raise InvalidInput("LINK", f"is not set; {mode} mode needs the bridge to plug into")
+        # Whatever the mode makes of it, LINK reaches scripts, the journal and log lines:
+        # no control characters (a newline would forge a line), bounded length.
+        link = validate.free_text("LINK", link)
 
     vlan = parse_vlan(env.get("VLAN", ""), "VLAN")
-    if vlan is not None and mode in ("routed",):
-        raise InvalidInput("VLAN", f"{env['VLAN']!r} makes no sense in routed mode")
 
     name = _get(env, "INTERFACE_NAME")
     phase = _get(env, "MIGRATION_PHASE")
@@ -233,3 +225,15 @@ def _with_variables(nic: Nic, env: Mapping[str, str]) -> Nic:
     out.pop("ACTION", None)
     object.__setattr__(nic, "variables", out)
     return nic
+
+
+def with_link(nic: Nic, link: str | None) -> Nic:
+    """The NIC with LINK as its mode reads it (a table number, a bridge named by BRIDGE)."""
+    if link == nic.link:
+        return nic
+    variables = dict(nic.variables)
+    if link is None:
+        variables.pop("LINK", None)
+    else:
+        variables["LINK"] = link
+    return replace(nic, link=link, variables=variables)

@@ -1,6 +1,6 @@
 """Linux bridge mode: what to check before touching anything, and the steps.
 
-Order matters (DESIGN §3): the tap's MAC is moved out of the guest's range (first
+Order matters: the tap's MAC is moved out of the guest's range (first
 octet fe, so the bridge never adopts a guest tap's MAC as its own), the MTU is
 copied from the bridge before enslaving (a smaller port MTU would lower the
 bridge's), VLAN entries are set while the port is still down, and only then is the
@@ -9,11 +9,20 @@ port brought up.
 
 from __future__ import annotations
 
-from nichooks.engine.plan import Plan, Step
+from typing import TYPE_CHECKING, Any
+
+from nichooks.engine.plan import Plan
+from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
 from nichooks.host.netlink import LinkState, Netlink
 from nichooks.host.steps.link import BridgeVlans, SetLink
-from nichooks.model.nic import Nic
+from nichooks.model.nic import Nic, with_link
+from nichooks.modes.base import Mode
+
+if TYPE_CHECKING:
+    from nichooks.engine.journal import Journal
+    from nichooks.host.host import Host
+    from nichooks.settings import Settings
 
 
 def describe_non_bridge(link: LinkState, net: Netlink) -> str:
@@ -72,3 +81,26 @@ def plan(nic: Nic, net: Netlink) -> Plan:
         steps.append(BridgeVlans(nic.tap, nic.vlan.access, nic.vlan.trunks))
     steps.append(SetLink(nic.tap, "up", True))
     return Plan(mode="bridged", nic_label=nic.label(), steps=steps)
+
+
+class Bridged(Mode):
+    name = "bridged"
+    needs_link = True
+
+    def validate(self, nic: Nic) -> Nic:
+        if nic.link is None and nic.variables.get("BRIDGE"):
+            nic = with_link(nic, nic.variables["BRIDGE"])  # Ganeti 2.4: BRIDGE before LINK
+        return super().validate(nic)
+
+    def plan(self, nic: Nic, net: Host, settings: Settings) -> Plan:
+        return plan(nic, net)
+
+    def watched_links(self, journal: Journal) -> set[str]:
+        return {journal.link} if journal.link else set()
+
+
+@rebuilds("bridge.vlans")
+def rebuild_bridge_vlans(undo: dict[str, Any], nic: Nic, net: Netlink) -> BridgeVlans | None:
+    if nic.vlan is None:
+        return None
+    return BridgeVlans(str(undo["ifname"]), nic.vlan.access, nic.vlan.trunks)

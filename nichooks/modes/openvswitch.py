@@ -1,31 +1,36 @@
-"""Open vSwitch mode: preflight, the steps, and their undo.
+"""Open vSwitch mode: preflight, the plan, repair's rebuild, the agent's audit.
 
-Order (DESIGN §3): the tap's MAC is moved out of the guest's range and its MTU set
+Order: the tap's MAC is moved out of the guest's range and its MTU set
 while it is down; then ONE OVSDB transaction drops any stale port of the same name
 and creates the Port and Interface with tag / trunks / vlan_mode, mtu_request and
 the OVN/libvirt external_ids, so the port never exists untagged (OpenNebula #1177);
 then the anti-spoofing flows, in one OpenFlow bundle, before the tap comes up; and
-only then the tap goes up. ifdown deletes the flows by cookie and the port only
-while it is still ours.
+only then the tap goes up. The steps are in host/steps/ovs.py; what a plug left
+that no journal claims is found by modes/ovs_orphans.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from dataclasses import dataclass
+import time
 from typing import TYPE_CHECKING, Any
 
-from nichooks.engine.journal import Record
-from nichooks.engine.plan import Plan, Step, checks, undoes
+from nichooks.engine.plan import Plan
+from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
 from nichooks.host import ovsdb as db
-from nichooks.host.openflow import Guest, antispoof_flows, cookie
+from nichooks.host.openflow import cookie
 from nichooks.host.steps.link import SetLink
+from nichooks.host.steps.ovs import OvsFlows, OvsPort
+from nichooks.model.addresses import guest_addresses
 from nichooks.model.nic import Nic
+from nichooks.modes.base import Mode
 
 if TYPE_CHECKING:
+    from nichooks.engine.actions import Action
+    from nichooks.engine.journal import Journal
+    from nichooks.engine.store import Store
     from nichooks.host.host import Host
+    from nichooks.log import HookLog
     from nichooks.settings import Settings
 
 
@@ -48,173 +53,6 @@ def _describe_non_ovs(net: Host, nic: Nic, link: str) -> str:
             "bridge")
 
 
-def guest_addresses(nic: Nic) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(IPv4, IPv6) the guest may send from: IP, and the EUI-64 address of the MAC in
-    NETWORK_SUBNET6 when that is a /64 (what SLAAC gives a guest without privacy
-    addresses)."""
-    from nichooks.modes.routed import eui64
-
-    v4: list[str] = []
-    v6: list[str] = []
-    if nic.ip is not None:
-        (v4 if nic.ip.version == 4 else v6).append(str(nic.ip))
-    subnet6 = nic.network.subnet6
-    if subnet6 and ipaddress.IPv6Network(subnet6, strict=False).prefixlen == 64:
-        derived = eui64(subnet6, nic.mac)
-        if derived not in v6:
-            v6.append(derived)
-    return tuple(v4), tuple(v6)
-
-
-@dataclass(frozen=True)
-class OvsPort:
-    """The port, its interface, VLANs, MTU and ids: one transaction."""
-
-    spec: db.PortSpec
-    owner: str
-    kind: str = "ovs.port"
-
-    def describe(self) -> str:
-        vlan = []
-        if self.spec.tag is not None:
-            vlan.append(f"tag={self.spec.tag}")
-        if self.spec.trunks:
-            vlan.append("trunks=" + ",".join(map(str, self.spec.trunks)))
-        if self.spec.vlan_mode:
-            vlan.append(f"vlan_mode={self.spec.vlan_mode}")
-        extra = (" " + " ".join(vlan)) if vlan else " (no VLAN: tagged frames from the guest dropped)"
-        return f"add OVS port {self.spec.name} to {self.spec.bridge}{extra} in one transaction"
-
-    def as_data(self) -> dict[str, Any]:
-        return {"step": "ovs.port", "bridge": self.spec.bridge, "port": self.spec.name,
-                "tag": self.spec.tag, "trunks": list(self.spec.trunks),
-                "vlan_mode": self.spec.vlan_mode, "mtu_request": self.spec.mtu_request,
-                "external_ids": self.spec.iface_external_ids}
-
-    def prepare(self, net: Host) -> Record:
-        return Record(kind=self.kind, step=self.describe(), undo={
-            "bridge": self.spec.bridge, "port": self.spec.name, "owner": self.owner,
-            "iface_id": self.spec.iface_external_ids.get(db.IFACE_ID)})
-
-    def apply(self, net: Host) -> dict[str, Any]:
-        timing = net.ovsdb().plug(self.spec)
-        if timing.applied is None:
-            raise db.OvsdbError(f"ovs-vswitchd did not apply the new port within "
-                                f"{net.settings.ovs_timeout:g}s (is ovs-vswitchd running?)")
-        return {"committed_ms": round(timing.committed * 1000, 1),
-                "applied_ms": round(timing.applied * 1000, 1)}
-
-    def verify(self, net: Host) -> str | None:
-        port = net.ovsdb().port(self.spec.name)
-        if port is None:
-            return f"OVS port {self.spec.name} is missing"
-        if port.error:
-            return f"ovs-vswitchd could not attach {self.spec.name}: {port.error}"
-        if not port.ofport or port.ofport < 0:
-            return f"OVS port {self.spec.name} has no OpenFlow port number"
-        want = (self.spec.tag, self.spec.trunks, self.spec.vlan_mode)
-        have = (port.tag, port.trunks, port.vlan_mode)
-        if want != have:
-            return f"OVS port {self.spec.name} VLANs (tag, trunks, mode) are {have}, expected {want}"
-        if port.iface_external_ids.get(db.IFACE_ID) != self.spec.iface_external_ids.get(db.IFACE_ID):
-            return f"OVS interface {self.spec.name} iface-id changed under us"
-        return None
-
-
-def _ours(port: db.PortInfo | None, undo: dict[str, Any]) -> bool:
-    return (port is not None and port.external_ids.get(db.OWNER) == undo["owner"]
-            and port.iface_external_ids.get(db.IFACE_ID) == undo.get("iface_id"))
-
-
-@undoes("ovs.port")
-def undo_ovs_port(net: Host, undo: dict[str, Any]) -> None:
-    ovsdb = net.ovsdb()
-    if _ours(ovsdb.port(undo["port"]), undo):  # a port someone re-created is theirs
-        ovsdb.unplug(undo["port"], undo["owner"])
-
-
-@checks("ovs.port")
-def ovs_port_present(net: Host, undo: dict[str, Any]) -> bool:
-    return _ours(net.ovsdb().port(undo["port"]), undo)
-
-
-_IN_PORT = re.compile(r"\bin_port=(\d+)")
-
-
-@dataclass(frozen=True)
-class OvsFlows:
-    """Anti-spoofing flows on the port, by cookie, in one bundle. The OpenFlow port
-    number is read when the step runs: it exists only once the port is applied."""
-
-    bridge: str
-    port: str
-    cookie: int
-    mac: str
-    ipv4: tuple[str, ...]
-    ipv6: tuple[str, ...]
-    trunks: tuple[int, ...]
-    mode: str
-    kind: str = "ovs.flows"
-
-    def guest(self, ofport: int) -> Guest:
-        return Guest(ofport=ofport, mac=self.mac, ipv4=self.ipv4, ipv6=self.ipv6,
-                     trunks=self.trunks, mode=self.mode)
-
-    def describe(self) -> str:
-        what = "MAC" if self.mode == "mac" or not (self.ipv4 or self.ipv6) else "MAC and IP"
-        addrs = ", ".join((self.mac, *self.ipv4, *self.ipv6)) if what != "MAC" else self.mac
-        return (f"anti-spoofing flows ({what}: {addrs}) on {self.port} in {self.bridge}, "
-                f"cookie 0x{self.cookie:016x}")
-
-    def as_data(self) -> dict[str, Any]:
-        return {"step": "ovs.flows", "bridge": self.bridge, "port": self.port,
-                "cookie": f"0x{self.cookie:016x}", "mac": self.mac, "ipv4": list(self.ipv4),
-                "ipv6": list(self.ipv6), "tagged_allowed": list(self.trunks), "mode": self.mode}
-
-    def prepare(self, net: Host) -> Record:
-        return Record(kind=self.kind, step=self.describe(),
-                      undo={"bridge": self.bridge, "cookie": self.cookie})
-
-    def _ofport(self, net: Host) -> int:
-        port = net.ovsdb().port(self.port)
-        if port is None or not port.ofport or port.ofport < 0:
-            raise db.OvsdbError(f"OVS port {self.port} has no OpenFlow port number")
-        return int(port.ofport)
-
-    def apply(self, net: Host) -> dict[str, Any]:
-        ofport = self._ofport(net)
-        flows = antispoof_flows(self.guest(ofport))
-        net.openflow().add(self.bridge, self.cookie, flows, ofport)
-        return {"flows": len(flows)}
-
-    def verify(self, net: Host) -> str | None:
-        ofport = self._ofport(net)
-        want = len(antispoof_flows(self.guest(ofport)))
-        have = net.openflow().dump(self.bridge, self.cookie)
-        if len(have) != want:
-            return f"{len(have)} flows with cookie 0x{self.cookie:016x} on {self.bridge}, expected {want}"
-        stale = [flow for flow in have if _IN_PORT.findall(flow) != [str(ofport)]]
-        if stale:
-            # ovs-vswitchd renumbered the port (a restart): the flows guard another port.
-            return f"{len(stale)} flows with cookie 0x{self.cookie:016x} match another port than {ofport}"
-        return None
-
-
-@undoes("ovs.flows")
-def undo_ovs_flows(net: Host, undo: dict[str, Any]) -> None:
-    openflow = net.openflow()
-    if not openflow.exists(undo["bridge"]):
-        return  # the bridge is gone, and its flows with it
-    openflow.delete(undo["bridge"], int(undo["cookie"]))
-
-
-@checks("ovs.flows")
-def ovs_flows_present(net: Host, undo: dict[str, Any]) -> bool:
-    openflow = net.openflow()
-    return openflow.exists(undo["bridge"]) and bool(
-        openflow.dump(undo["bridge"], int(undo["cookie"])))
-
-
 def flows_withheld(settings: Settings, bridge: db.BridgeInfo) -> str | None:
     """Why a plug adds no anti-spoofing flows on this bridge, or None if it adds them.
     One rule for both sides: the sweep deletes flows only where a plug adds them, so
@@ -227,8 +65,28 @@ def flows_withheld(settings: Settings, bridge: db.BridgeInfo) -> str | None:
     return None
 
 
+def port_spec(nic: Nic, bridge: str, mtu: int | None) -> db.PortSpec:
+    """The Port and Interface one transaction creates: VLANs, MTU, OVN/libvirt ids, our mark."""
+    vlan = nic.vlan
+    return db.PortSpec(
+        bridge=bridge, name=nic.tap, tag=vlan.access if vlan else None,
+        trunks=vlan.trunks if vlan else (), vlan_mode=vlan.ovs_vlan_mode if vlan else None,
+        mtu_request=mtu,
+        iface_external_ids={db.IFACE_ID: nic.uuid, db.ATTACHED_MAC: nic.mac,
+                            db.VM_ID: nic.instance, db.IFACE_STATUS: "active",
+                            db.OWNER: nic.key},
+        port_external_ids={db.OWNER: nic.key})
+
+
+def flows(nic: Nic, bridge: str, settings: Settings) -> OvsFlows:
+    v4, v6 = guest_addresses(nic)
+    return OvsFlows(bridge=bridge, port=nic.tap, cookie=cookie(nic.key), mac=nic.mac,
+                    ipv4=v4, ipv6=v6, trunks=nic.vlan.trunks if nic.vlan else (),
+                    mode=settings.ovs_antispoof)
+
+
 def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
-    assert nic.link is not None  # nic.py requires LINK in openvswitch mode
+    assert nic.link is not None  # the mode requires LINK
     label = nic.label()
     try:
         ovsdb = net.ovsdb()
@@ -248,29 +106,85 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     if reason:
         raise _fail(nic, reason)
     mtu = settings.ovs_mtu or bridge.mtu or tap.mtu
-    vlan = nic.vlan
-    tag = vlan.access if vlan else None
-    trunks = vlan.trunks if vlan else ()
-    spec = db.PortSpec(
-        bridge=nic.link, name=nic.tap, tag=tag, trunks=trunks,
-        vlan_mode=vlan.ovs_vlan_mode if vlan else None, mtu_request=mtu,
-        iface_external_ids={db.IFACE_ID: nic.uuid, db.ATTACHED_MAC: nic.mac,
-                            db.VM_ID: nic.instance, db.IFACE_STATUS: "active",
-                            db.OWNER: nic.key},
-        port_external_ids={db.OWNER: nic.key})
     steps: list[Step] = [
         SetLink(nic.tap, "mac", "fe" + tap.mac[2:]),
         SetLink(nic.tap, "mtu", mtu),
-        OvsPort(spec, owner=nic.key),
+        OvsPort(port_spec(nic, nic.link, mtu), owner=nic.key),
     ]
     notes: list[str] = []
     withheld = flows_withheld(settings, bridge)
     if withheld:
         notes.append(withheld)
     else:
-        v4, v6 = guest_addresses(nic)
-        steps.append(OvsFlows(bridge=nic.link, port=nic.tap, cookie=cookie(nic.key),
-                              mac=nic.mac, ipv4=v4, ipv6=v6, trunks=trunks,
-                              mode=settings.ovs_antispoof))
+        steps.append(flows(nic, nic.link, settings))
     steps.append(SetLink(nic.tap, "up", True))
     return Plan(mode="openvswitch", nic_label=label, steps=steps, notes=notes)
+
+
+@rebuilds("ovs.port")
+def rebuild_port(undo: dict[str, Any], nic: Nic, net: Host) -> OvsPort:
+    bridge = str(undo["bridge"])
+    info = net.ovsdb().bridge(bridge)
+    tap = net.find(nic.tap)
+    mtu = net.settings.ovs_mtu or (info.mtu if info else None) or (tap.mtu if tap else None)
+    return OvsPort(port_spec(nic, bridge, mtu), owner=str(undo["owner"]))
+
+
+@rebuilds("ovs.flows")
+def rebuild_flows(undo: dict[str, Any], nic: Nic, net: Host) -> OvsFlows | None:
+    if net.settings.ovs_antispoof == "off":
+        return None
+    step = flows(nic, str(undo["bridge"]), net.settings)
+    return step if step.cookie == int(undo["cookie"]) else None
+
+
+class OpenVswitch(Mode):
+    name = "openvswitch"
+    needs_link = True
+
+    def plan(self, nic: Nic, net: Host, settings: Settings) -> Plan:
+        return plan(nic, net, settings)
+
+    def watched_links(self, journal: Journal) -> set[str]:
+        return {journal.link} if journal.link else set()
+
+    def audit(self, journals: list[Journal], net: Host, settings: Settings) -> set[str]:
+        """Every journaled port still there with our mark, and our flows on it: one
+        OVSDB select and one flow dump per bridge, however many NICs there are."""
+        if not ovs_present(settings):
+            return set()
+        deadline = time.monotonic() + settings.ovs_timeout
+        ports = {(name, owner) for name, owner, _u in db.owned_ports(settings.ovsdb, deadline)}
+        openflow = net.openflow()
+        cookies: dict[str, set[int]] = {}
+        for bridge in {str(r.undo.get("bridge")) for j in journals for r in j.records
+                       if r.kind == "ovs.flows"}:
+            cookies[bridge] = openflow.cookies(bridge) if openflow.exists(bridge) else set()
+        return {j.key for j in journals if _missing(j, ports, cookies)}
+
+    def orphans(self, store: Store, net: Host, settings: Settings, *, dry_run: bool,
+                log: HookLog) -> list[Action]:
+        from nichooks.modes.ovs_orphans import sweep_ovs
+
+        return sweep_ovs(store, net, settings, dry_run=dry_run, log=log)
+
+
+def ovs_present(settings: Settings) -> bool:
+    """Whether this host runs an OVSDB we can reach (no socket: nothing to look at)."""
+    import os
+
+    kind, _, where = settings.ovsdb.partition(":")
+    return kind != "unix" or os.path.exists(where)
+
+
+def _missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:
+    for record in journal.records:
+        if record.status == "failed":
+            continue
+        undo = record.undo
+        if record.kind == "ovs.port" and (undo.get("port"), undo.get("owner")) not in ports:
+            return True
+        if record.kind == "ovs.flows" and undo.get("cookie") not in cookies.get(
+                str(undo.get("bridge")), set()):
+            return True
+    return False

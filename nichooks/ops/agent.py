@@ -27,13 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from nichooks import settings as settingsmod
-from nichooks.engine.journal import CorruptJournal, Journal, Store
-from nichooks.engine.plan import load_backends
+from nichooks.engine.actions import Action
+from nichooks.engine.journal import Journal, State
+from nichooks.engine.locks import locked
+from nichooks.engine.store import Store
 from nichooks.errors import EXIT_OK, LockTimeout, PlumbingError
 from nichooks.host.host import Host
 from nichooks.host.linkwatch import LinkEvent, LinkWatch, Overflow
 from nichooks.log import HookLog
-from nichooks.ops.reconcile import Action, Teardown, locked, ovs_present, repair, run_teardowns, settle, sweep
+from nichooks.modes import registry
+from nichooks.ops.settle import Teardown, run_teardowns, settle
+from nichooks.ops.sweep import sweep
+from nichooks.ops.verify import repair
 
 SWEEP_EVERY = 15      # intervals between full sweeps (events lost without ENOBUFS)
 BURST = 0.02          # seconds to gather a burst of events before acting on it
@@ -59,7 +64,6 @@ class Agent:
         self.later: dict[tuple[str, int | None], float] = {}  # (key, vanished index) -> when
         # NICs whose repair keeps failing: key -> (what failed last, attempts so far)
         self.failing: dict[str, tuple[str, int]] = {}
-        load_backends()
 
     def log(self, **fields: object) -> HookLog:
         return HookLog(verbose=self.verbose, context="agent", **fields)
@@ -99,7 +103,7 @@ class Agent:
                 if ticks % SWEEP_EVERY == 0:
                     self.guarded(self.full_pass, "periodic")
                 else:
-                    self.guarded(self.check_ovs)
+                    self.guarded(self.audit)
                 next_tick = time.monotonic() + self.settings.agent_interval
 
     def guarded(self, fn: Any, *args: Any) -> None:
@@ -124,7 +128,7 @@ class Agent:
         for key in self.store.journal_keys():
             if not self._backing_off(key):
                 self.repair(key)
-        self.check_ovs()
+        self.audit()
 
     def handle(self, events: list[LinkEvent]) -> None:
         """Event by event (a down and an up of an uplink often arrive in one burst),
@@ -188,14 +192,12 @@ class Agent:
         self.net.drop_ovsdb()
         try:
             with locked(self.store, key, 0.05):
-                actions = repair(self.store, self.net, self.settings, key, log, quick=True)
+                actions = repair(self.store, self.net, key, log, quick=True)
         except LockTimeout:
             # A hook (or verify, or a sweep) has the NIC: look again shortly, the drift
             # may have happened after that hook's own read-back.
             self.later[(key, -1)] = time.monotonic() + BUSY_RETRY
             return
-        except CorruptJournal:
-            return  # the next sweep moves it aside
         except Exception as exc:
             self._reset_ovsdb()
             self._repair_failed(key, str(exc) or type(exc).__name__, log)
@@ -224,31 +226,27 @@ class Agent:
     def _backing_off(self, key: str) -> bool:
         return key in self.failing and self.later.get((key, -1), 0.0) > time.monotonic()
 
-    def check_ovs(self) -> None:
-        """Every journaled OVS port still there with our mark, and our flows on it; a
-        NIC missing either is repaired. Costs one OVSDB select and one flow dump per
-        bridge, however many NICs there are."""
-        journals = [j for _k, j in self.store.journals()
-                    if j is not None and j.mode == "openvswitch" and j.state == "applied"]
-        if not journals or not ovs_present(self.settings):
-            return
-        from nichooks.host import ovsdb as db
-
-        deadline = time.monotonic() + self.settings.ovs_timeout
-        try:
-            ports = {(name, owner) for name, owner, _u in db.owned_ports(self.settings.ovsdb, deadline)}
-            openflow = self.net.openflow()
-            cookies: dict[str, set[int]] = {}
-            for bridge in {str(r.undo.get("bridge")) for j in journals for r in j.records
-                           if r.kind == "ovs.flows"}:
-                cookies[bridge] = openflow.cookies(bridge) if openflow.exists(bridge) else set()
-        except Exception as exc:
-            self.log().warning("agent", result="cannot read Open vSwitch", cause=str(exc))
-            self._reset_ovsdb()
-            return
-        for journal in journals:
-            if _ovs_missing(journal, ports, cookies) and not self._backing_off(journal.key):
-                self.repair(journal.key)
+    def audit(self) -> None:
+        """Every mode's cheap bulk audit of its live NICs (OVS: one OVSDB select and one
+        flow dump per bridge, however many NICs there are); a NIC found missing
+        something is repaired."""
+        by_mode: dict[str, list[Journal]] = {}
+        for _key, journal in self.store.journals():
+            if journal is not None and journal.state == State.APPLIED:
+                by_mode.setdefault(journal.mode, []).append(journal)
+        for name, journals in sorted(by_mode.items()):
+            mode = registry.MODES.get(name)
+            if mode is None:
+                continue
+            try:
+                missing = mode.audit(journals, self.net, self.settings)
+            except Exception as exc:
+                self.log().warning("agent", result=f"cannot audit {name} NICs", cause=str(exc))
+                self._reset_ovsdb()
+                continue
+            for key in sorted(missing):
+                if not self._backing_off(key):
+                    self.repair(key)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _refresh_refs(self, force: bool = False) -> None:
@@ -301,25 +299,9 @@ class Agent:
 
 
 def _depends_on(journal: Journal) -> set[str]:
-    names = ({str(journal.link)} if journal.link and journal.mode in ("bridged", "openvswitch")
-             else set())
-    for record in journal.records:
-        if record.kind == "route.proxy" and record.undo.get("dev") != journal.tap:
-            names.add(str(record.undo.get("dev")))
+    mode = registry.MODES.get(journal.mode)
+    names = mode.watched_links(journal) if mode else set()
     return names - {journal.tap, "", "None"}
-
-
-def _ovs_missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:
-    for record in journal.records:
-        if record.status == "failed":
-            continue
-        undo = record.undo
-        if record.kind == "ovs.port" and (undo.get("port"), undo.get("owner")) not in ports:
-            return True
-        if record.kind == "ovs.flows" and undo.get("cookie") not in cookies.get(
-                str(undo.get("bridge")), set()):
-            return True
-    return False
 
 
 # -- the process ---------------------------------------------------------------------------

@@ -197,9 +197,21 @@ def preload() -> None:
 
     import filelock  # noqa: F401
 
-    from nichooks.engine.plan import load_backends
-
-    load_backends()
+    import nichooks.callers.ganeti
+    import nichooks.callers.ganeti_runtime
+    import nichooks.callers.shellvars
+    import nichooks.callers.xen
+    import nichooks.callers.xen_vif
+    import nichooks.cli
+    import nichooks.engine.custom
+    import nichooks.entry
+    import nichooks.host.announce
+    import nichooks.host.netlink
+    import nichooks.host.openflow
+    import nichooks.host.ovsdb
+    import nichooks.modes.registry
+    import nichooks.ops.plug
+    import nichooks.ops.unplug  # noqa: F401
     try:
         import pyroute2  # noqa: F401
     except ImportError:
@@ -207,6 +219,16 @@ def preload() -> None:
 
 
 def _call(entry: str, argv: Sequence[str], env: Mapping[str, str]) -> int:
+    if env.get("NICHOOKS_TEST_FAULT"):  # the test-only seam a hook process would load
+        import importlib.util
+
+        from tests.support.hooks import FAULT_SEAM
+
+        os.environ["NICHOOKS_TEST_FAULT"] = env["NICHOOKS_TEST_FAULT"]
+        spec = importlib.util.spec_from_file_location("fault_seam", FAULT_SEAM / "sitecustomize.py")
+        assert spec is not None and spec.loader is not None
+        seam = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(seam)
     if entry == "ifup":
         from nichooks.entry import kvm_ifup
 

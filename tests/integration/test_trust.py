@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nichooks.engine.journal import Store
+from nichooks.engine.store import Store
 from tests.integration.bridged_env import Site
 from tests.support.hooks import one_line
 from tests.support.state import journals

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hooks import bin_path, one_line
+from tests.support.hooks import FAULT_SEAM, bin_path, one_line
 from tests.support.netns import Netns, require_root
 from tests.support.scripts import write_script
 from tests.support.state import journals, names_in, tap_index
@@ -46,7 +46,8 @@ class Dom0:
                "NICHOOKS_CONF_DIR": str(self.root / "conf"),
                "GANETI_RUN_DIR": str(self.root / "ganeti"), "script": "/etc/xen/scripts/vif-ganeti",
                "XENBUS_TYPE": "vif", "XENBUS_PATH": "backend/vif/5/0",
-               "XENBUS_BASE_PATH": "backend", "netdev": "", "vif": "vif5.0"}
+               "XENBUS_BASE_PATH": "backend", "netdev": "", "vif": "vif5.0",
+               "PYTHONPATH": str(FAULT_SEAM)}
         env.update(extra)
         return env
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
+# sitecustomize.py there injects NICHOOKS_TEST_FAULT into hook processes (test-only).
+FAULT_SEAM = Path(__file__).resolve().parent / "fault_seam"
 
 
 def bin_path(name: str) -> str:
@@ -25,6 +27,7 @@ def hook_env(state_dir: Path, conf_dir: Path, **nic: str) -> dict[str, str]:
         "NICHOOKS_STATE_DIR": str(state_dir),
         "NICHOOKS_CONF_DIR": str(conf_dir),
         "GANETI_RUN_DIR": str(state_dir / "ganeti-run"),
+        "PYTHONPATH": str(FAULT_SEAM),
     }
     env.update(nic)
     return env

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from nichooks.engine.plan import UNDO, load_backends
+from nichooks.engine import records as kinds
 from nichooks.errors import PlumbingError
 from nichooks.host.netlink import LinkState
 from nichooks.model import nic as nicmod
 from nichooks.modes import bridged as bridge
+from nichooks.modes import registry  # noqa: F401  registers every record kind
+from nichooks.modes.registry import nic_from_variables
 
 
 class FakeNet:
@@ -76,7 +78,7 @@ class FakeNet:
 
 
 def make_nic(vlan: str = "", link: str = "br0") -> nicmod.Nic:
-    return nicmod.from_variables({"MODE": "bridged", "MAC": "aa:00:00:00:00:01", "LINK": link,
+    return nic_from_variables({"MODE": "bridged", "MAC": "aa:00:00:00:00:01", "LINK": link,
                                   "VLAN": vlan, "INTERFACE": "tap0", "INSTANCE": "vm1"})
 
 
@@ -124,7 +126,6 @@ def run(plan: Any, net: FakeNet) -> list[Any]:
     ("1", {1: {"pvid", "untagged"}}),
 ])
 def test_apply_sets_vlans_while_down_and_undo_restores(vlan: str, expect: dict[int, set[str]]) -> None:
-    load_backends()
     net = make_net()
     records = run(bridge.plan(make_nic(vlan), net), net)
     tap = net.links[3]
@@ -134,17 +135,16 @@ def test_apply_sets_vlans_while_down_and_undo_restores(vlan: str, expect: dict[i
     up_at = next(i for i, c in enumerate(net.calls) if c[0] == "set" and "state" in c[2])
     assert all(i < up_at for i, c in enumerate(net.calls) if c[0].startswith("vlan"))
     for record in reversed(records):
-        UNDO[record.kind](net, record.undo)
+        kinds.undo(net, record)
     tap = net.links[3]
     assert (tap.master, tap.up, tap.mac, tap.mtu) == (None, False, "6a:11:22:33:44:55", 1500)
 
 
 def test_undo_restores_default_pvid_while_still_a_port() -> None:
-    load_backends()
     net = make_net()
     records = run(bridge.plan(make_nic(".100"), net), net)
     vlan_record = next(r for r in records if r.kind == "bridge.vlans")
-    UNDO["bridge.vlans"](net, vlan_record.undo)
+    kinds.undo(net, vlan_record)
     assert net.vlans[3] == {1: {"pvid", "untagged"}}
 
 

@@ -32,6 +32,7 @@ from nichooks.errors import InvalidInput
 from nichooks.model import nic as nicmod
 from nichooks.model import validate
 from nichooks.model.vlan import parse_vlan
+from nichooks.modes.registry import nic_from_variables
 from tests.unit.test_shellvars import bash_own_names, bash_source
 
 N_TEXT = 400        # per validator: arbitrary and trap-laden text
@@ -204,7 +205,7 @@ def test_nic_from_hostile_variables(changes: dict[str, str], tap: str | None, dr
     env = {**VALID, **changes}
     for name in drop:
         env.pop(name, None)
-    nic = only_invalid_input(lambda: nicmod.from_variables(env, tap=tap))
+    nic = only_invalid_input(lambda: nic_from_variables(env, tap=tap))
     if nic is None:
         return
     assert check_key(nic.key) == nic.key
@@ -307,7 +308,7 @@ def test_journal_with_a_huge_number() -> None:
 
 
 def test_journal_nested_too_deep(tmp_path: Path) -> None:
-    from nichooks.engine.journal import Store
+    from nichooks.engine.store import Store
 
     store = Store(tmp_path)
     store.ensure()

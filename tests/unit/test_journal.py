@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nichooks.engine.journal import CorruptJournal, Journal, Record, Store, check_key
+from nichooks.engine.journal import CorruptJournal, Journal, Record, check_key
+from nichooks.engine.store import Store
 from nichooks.errors import InvalidInput, PlumbingError
 from nichooks.model.validate import ifname
 

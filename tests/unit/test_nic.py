@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from nichooks.errors import InvalidInput
-from nichooks.model import nic as nicmod
+from nichooks.modes.registry import nic_from_variables
 
 UUID = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
@@ -34,7 +34,7 @@ def ganeti_env(**overrides: str | None) -> dict[str, str]:
 
 
 def test_full_ganeti_environment() -> None:
-    nic = nicmod.from_variables(ganeti_env(), tap="ignored")
+    nic = nic_from_variables(ganeti_env(), tap="ignored")
     assert nic.instance == "web1.example.org"
     assert nic.mac == "aa:00:00:12:34:56"
     assert nic.mode == "bridged" and nic.link == "br0"
@@ -52,19 +52,19 @@ def test_full_ganeti_environment() -> None:
 
 def test_minimal_environment_and_derived_key() -> None:
     env = {"MODE": "bridged", "MAC": "AA:00:00:00:00:01", "LINK": "br0"}
-    nic = nicmod.from_variables(env, tap="tap0")
+    nic = nic_from_variables(env, tap="tap0")
     assert nic.tap == "tap0" and nic.mac == "aa:00:00:00:00:01"
     assert nic.uuid_derived
-    assert nic.uuid == nicmod.from_variables(env, tap="tap9").uuid  # stable, not per tap
+    assert nic.uuid == nic_from_variables(env, tap="tap9").uuid  # stable, not per tap
 
 
 def test_bridge_alias_from_ganeti_2_4() -> None:
-    nic = nicmod.from_variables(ganeti_env(LINK=None), tap=None)
+    nic = nic_from_variables(ganeti_env(LINK=None), tap=None)
     assert nic.link == "br0"
 
 
 def test_xen_nic_file_tags_are_space_separated() -> None:
-    nic = nicmod.from_variables(ganeti_env(TAGS="t1\\ t2\\ t3"), tap=None)
+    nic = nic_from_variables(ganeti_env(TAGS="t1\\ t2\\ t3"), tap=None)
     assert nic.tags == ("t1", "t2", "t3") and nic.variables["TAGS"] == "t1 t2 t3"
 
 
@@ -73,7 +73,7 @@ def test_xen_nic_file_tags_are_space_separated() -> None:
     (".100:200", 100, (200,)),
 ])
 def test_vlan_variants(vlan: str, access: int | None, trunks: tuple[int, ...]) -> None:
-    nic = nicmod.from_variables(ganeti_env(VLAN=vlan), tap=None)
+    nic = nic_from_variables(ganeti_env(VLAN=vlan), tap=None)
     if vlan == "":
         assert nic.vlan is None
     else:
@@ -82,9 +82,9 @@ def test_vlan_variants(vlan: str, access: int | None, trunks: tuple[int, ...]) -
 
 
 def test_routed_link_is_a_table() -> None:
-    nic = nicmod.from_variables(ganeti_env(MODE="routed", LINK="100", BRIDGE=None), tap=None)
+    nic = nic_from_variables(ganeti_env(MODE="routed", LINK="100", BRIDGE=None), tap=None)
     assert nic.link == "100"
-    nic = nicmod.from_variables(ganeti_env(MODE="routed", LINK="public_v4", BRIDGE=None), tap=None)
+    nic = nic_from_variables(ganeti_env(MODE="routed", LINK="public_v4", BRIDGE=None), tap=None)
     assert nic.link == "public_v4"
 
 
@@ -139,7 +139,7 @@ def test_invalid_input_names_the_variable(overrides: dict[str, str | None], vari
                                           fragment: str) -> None:
     assert fragment, "an empty fragment is in every message: the case would check nothing"
     with pytest.raises(InvalidInput) as info:
-        nicmod.from_variables(ganeti_env(**overrides), tap=None)
+        nic_from_variables(ganeti_env(**overrides), tap=None)
     assert info.value.variable == variable
     assert fragment in info.value.problem
     line = info.value.line()
@@ -149,21 +149,21 @@ def test_invalid_input_names_the_variable(overrides: dict[str, str | None], vari
 
 def test_routed_rejects_vlan_and_bad_table() -> None:
     with pytest.raises(InvalidInput, match="VLAN"):
-        nicmod.from_variables(ganeti_env(MODE="routed", VLAN=".5"), tap=None)
+        nic_from_variables(ganeti_env(MODE="routed", VLAN=".5"), tap=None)
     with pytest.raises(InvalidInput, match="out of range"):
-        nicmod.from_variables(ganeti_env(MODE="routed", LINK="4294967296"), tap=None)
+        nic_from_variables(ganeti_env(MODE="routed", LINK="4294967296"), tap=None)
     with pytest.raises(InvalidInput, match="neither a table number"):
-        nicmod.from_variables(ganeti_env(MODE="routed", LINK="9table"), tap=None)
+        nic_from_variables(ganeti_env(MODE="routed", LINK="9table"), tap=None)
 
 
 def test_argv_tap_used_only_without_interface() -> None:
-    nic = nicmod.from_variables(ganeti_env(INTERFACE=None), tap="tap9")
+    nic = nic_from_variables(ganeti_env(INTERFACE=None), tap="tap9")
     assert nic.tap == "tap9"
     with pytest.raises(InvalidInput) as info:
-        nicmod.from_variables(ganeti_env(INTERFACE=None), tap="bad/tap")
+        nic_from_variables(ganeti_env(INTERFACE=None), tap="bad/tap")
     assert info.value.variable == "argument TAP"
     with pytest.raises(InvalidInput) as info:
-        nicmod.from_variables(ganeti_env(INTERFACE=None), tap=None)
+        nic_from_variables(ganeti_env(INTERFACE=None), tap=None)
     assert info.value.variable == "INTERFACE"
 
 
@@ -174,6 +174,6 @@ def test_argv_tap_used_only_without_interface() -> None:
 def test_gateways_are_used_as_validated_not_as_given(raw4: str, raw6: str) -> None:
     """The check trims and normalises: the value the plan uses must be that one, or a
     padded gateway passes validation and fails half-way through a routed plug."""
-    nic = nicmod.from_variables(ganeti_env(NETWORK_GATEWAY=raw4, NETWORK_GATEWAY6=raw6))
+    nic = nic_from_variables(ganeti_env(NETWORK_GATEWAY=raw4, NETWORK_GATEWAY6=raw6))
     assert nic.network.gateway == "192.0.2.1"
     assert nic.network.gateway6 == "2001:db8:1::1"

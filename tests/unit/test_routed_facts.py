@@ -9,7 +9,9 @@ import pytest
 from nichooks.errors import InvalidInput, PlumbingError
 from nichooks.host.netlink import AF_INET, AF_INET6, sysctl_name
 from nichooks.model import nic as nicmod
-from nichooks.modes.routed import addresses, eui64, resolve_table
+from nichooks.model.addresses import eui64
+from nichooks.modes.registry import nic_from_variables
+from nichooks.modes.routed import addresses, resolve_table
 
 
 def test_eui64_matches_slaac() -> None:
@@ -20,7 +22,7 @@ def test_eui64_matches_slaac() -> None:
 
 def routed(**env: str) -> nicmod.Nic:
     base = {"MODE": "routed", "MAC": "aa:00:00:12:34:56", "INTERFACE": "tap0", "INSTANCE": "vm1"}
-    return nicmod.from_variables({**base, **env})
+    return nic_from_variables({**base, **env})
 
 
 def test_addresses_per_family() -> None:

@@ -10,7 +10,7 @@ from pytest_subprocess import FakeProcess
 
 from nichooks.callers import xen
 from nichooks.errors import InvalidInput, PlumbingError
-from nichooks.model.nic import from_variables
+from nichooks.modes.registry import nic_from_variables as from_variables
 
 ENV = {"PATH": "/nonexistent"}
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nichooks.engine.journal import Record
-from nichooks.engine.plan import checks, undoes
-from nichooks.host.netlink import LinkState, Netlink, NetlinkError, ignore_gone
+from nichooks.engine.records import checks, rebuilds, undoes
+from nichooks.errors import NetlinkError
+from nichooks.host.netlink import LinkState, Netlink, ignore_gone
 
 ATTRS = ("mac", "mtu", "master", "up")
 
@@ -178,3 +179,19 @@ def bridge_vlans_present(net: Netlink, undo: dict[str, Any]) -> bool:
     if state is None or state.slave_kind != "bridge":
         return False
     return set(undo["added"]) <= set(net.port_vlans(state.index))
+
+
+@rebuilds("link.attr")
+def rebuild_link_attr(undo: dict[str, Any], nic: Any, net: Netlink) -> SetLink:
+    """The value set at plug time; for `master`, the bridge LINK names now (a bridge
+    deleted and created again has a new ifindex, and the tap belongs on the new one)."""
+    attr, ifname = str(undo["attr"]), str(undo["ifname"])
+    if attr not in ATTRS:
+        raise ValueError(f"unknown link attribute {attr!r}")
+    if attr == "master":
+        link = getattr(nic, "link", None)
+        bridge = net.find(link) if link else None
+        if bridge is None:
+            raise NetlinkError(19, f"LINK {link}: no such device")
+        return SetLink(ifname, attr, bridge.index, shown=bridge.name)
+    return SetLink(ifname, attr, undo["new"])
