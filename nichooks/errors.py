@@ -1,7 +1,8 @@
 """The two kinds of failure a hook reports, and their exit statuses.
 
-DESIGN §4: exit 2 is bad invocation or invalid input (nothing was changed), exit 1 is
-plumbing that could not be done (and was rolled back). Keeping the distinction in the
+Exit 2 is bad invocation or invalid input (nothing was changed), exit 1 is
+plumbing that could not be done (and was rolled back): docs/architecture.md,
+"Interfaces". Keeping the distinction in the
 exception type means no caller has to guess which exit status an error deserves.
 """
 

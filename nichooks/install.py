@@ -1,5 +1,5 @@
 """`nichooks install` / `nichooks uninstall`: put our entry points exactly where each
-caller looks (contract §8), and take away only what we put there.
+caller looks (docs/architecture.md, "Interfaces"), and take away only what we put there.
 
 Each installed file is a small wrapper that execs our entry point by absolute path
 (Ganeti's PATH lacks our virtualenv, and a PATH lookup of `kvm-ifup` could find

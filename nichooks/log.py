@@ -2,7 +2,7 @@
 
 The fields (instance, NIC UUID, tap, context) are on every line so an operator can
 follow one NIC across nodes with a single grep. Without a syslog socket the libc
-call drops the message silently, which is what DESIGN §4 asks for: the only thing a
+call drops the message silently, which is what a hook needs: the only thing a
 caller ever sees on stderr is the one error line (or everything, with -v).
 """
 

@@ -1,7 +1,8 @@
 """Settings: each from the environment first, then the settings file, then a default.
 
-DESIGN §4 fixes the names. The file is read only when it exists, with configparser
-(imported lazily: most hooks on a default install never need it).
+The names are an interface (docs/architecture.md, "Interfaces"). The file is read only
+when it exists, with configparser (imported lazily: most hooks on a default install
+never need it).
 """
 
 from __future__ import annotations

@@ -54,53 +54,23 @@ should prefer their own journal, which knows.
 
 Every file is untrusted input: unreadable, oversized or malformed files, and
 names that could leave the run directory, mean "no answer", never an exception
-and never a log line (the caller decides what to say).
+and never a log line (the caller decides what to say). Reading them so is
+ganeti_run_dir.py's job, and rebuilding a NIC's variables from Ganeti's JSON
+ganeti_nic_env.py's; this module only decides which NIC a tap is.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from nichooks.callers.ganeti_nic_env import Garbage, hook_env, load_runtime_nics
+from nichooks.callers.ganeti_run_dir import TapFile, qemu_running, scan, valid_ifname
 
 if TYPE_CHECKING:  # annotations only: a hook pays for every import
     from collections.abc import Callable
     from pathlib import Path
     from typing import Any
-
-MAX_TAP_FILE = 256
-"""A tap name is at most 15 bytes; anything much longer is not a tap file."""
-
-MAX_RUNTIME_FILE = 16 * 1024 * 1024
-"""Runtime files hold a QEMU command line and a few dicts per device: kilobytes."""
-
-_SEQ_RE = re.compile(r"(?:0|[1-9][0-9]{0,5})\Z")
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-_IFNAMSIZ = 16
-
-
-class _Garbage(Exception):
-    """A runtime file that is not what Ganeti writes; turned into None."""
-
-
-@dataclass(frozen=True)
-class _TapFile:
-    """One file of ``nic/<instance>/``: a ``<seq>`` file (``seq`` set) or a
-    ``<nic-uuid>`` file (``uuid`` set)."""
-
-    name: str
-    tap: str
-    mtime_ns: int
-    seq: int | None
-    uuid: str | None
-
-    @property
-    def order(self) -> tuple[int, int]:
-        """Write order; files written in the same clock tick (a start writes all
-        of them at once) are in seq order because Ganeti writes them so."""
-        return (self.mtime_ns, -1 if self.seq is None else self.seq)
 
 
 def find_tap(run_dir: Path, tap: str) -> list[tuple[str, int]]:
@@ -109,10 +79,10 @@ def find_tap(run_dir: Path, tap: str) -> list[tuple[str, int]]:
     More than one answer means stale files (tap names are reused by the kernel);
     :func:`nic_env_for_tap` decides between them.
     """
-    if not _valid_ifname(tap):
+    if not valid_ifname(tap):
         return []
     found: list[tuple[str, int]] = []
-    for instance, files in _scan(run_dir):
+    for instance, files in scan(run_dir):
         found.extend((instance, f.seq) for f in files if f.tap == tap and f.seq is not None)
     return sorted(found)
 
@@ -132,10 +102,10 @@ def nic_env_for_tap(
     ``link_exists`` tells whether a network device exists (default: look in
     ``/sys/class/net`` of our own namespace); tests replace it.
     """
-    if not _valid_ifname(tap):
+    if not valid_ifname(tap):
         return None
     exists = _link_exists if link_exists is None else link_exists
-    scanned = _scan(run_dir)
+    scanned = scan(run_dir)
     newest_claim: dict[str, int] = {}  # tap -> newest mtime of a file naming it
     for _, files in scanned:
         for f in files:
@@ -150,21 +120,21 @@ def nic_env_for_tap(
         return None
     instance, files = winners[0]
     try:
-        nics = _load_runtime_nics(run_dir, instance)
+        nics = load_runtime_nics(run_dir, instance)
         if nics is None:
             return None
         match = _match(run_dir, instance, tap, _current(instance, files, scanned), nics, exists)
         if match is None:
             return None
         nic, seq = match
-        return _hook_env(instance, tap, seq, nic)
-    except _Garbage:
+        return hook_env(instance, tap, seq, nic)
+    except Garbage:
         return None
 
 
 def _current(
-    instance: str, files: list[_TapFile], scanned: list[tuple[str, list[_TapFile]]]
-) -> list[_TapFile]:
+    instance: str, files: list[TapFile], scanned: list[tuple[str, list[TapFile]]]
+) -> list[TapFile]:
     """The instance's files that no newer file replaced: a newer one naming the
     same tap, of the same kind (``<seq>`` or ``<uuid>``) or of another instance,
     means the kernel gave that name to a later device. (A ``<uuid>`` file written
@@ -188,7 +158,7 @@ def _match(
     run_dir: Path,
     instance: str,
     tap: str,
-    files: list[_TapFile],
+    files: list[TapFile],
     nics: list[dict[str, Any]],
     exists: Callable[[str], bool],
 ) -> tuple[dict[str, Any], int | None] | None:
@@ -211,7 +181,7 @@ def _match(
     if exists(tap):
         # The instance runs: a file naming a vanished tap is stale.
         seq_files = [f for f in seq_files if f.tap == tap or exists(f.tap)]
-    elif any(exists(f.tap) for f in files) or _qemu_running(run_dir, instance):
+    elif any(exists(f.tap) for f in files) or qemu_running(run_dir, instance):
         return None  # our tap vanished while the instance runs: removed or re-plugged
     else:
         # All gone (shut down, crashed): stale files can no longer be told by
@@ -232,238 +202,6 @@ def _match(
     return nics[ordered.index(plug)], plug_seq
 
 
-def _hook_env(instance: str, tap: str, seq: int | None, nic: dict[str, Any]) -> dict[str, str]:
-    """Rebuild ``hv_base.ConfigureNIC``'s environment from one runtime NIC dict."""
-    params = nic.get("nicparams")
-    if not isinstance(params, dict):
-        raise _Garbage
-    mac = _required_str(nic, "mac")
-    uuid = _required_str(nic, "uuid")
-    mode = _required_str(params, "mode")
-    env = {"INSTANCE": instance, "MAC": mac, "MODE": mode, "INTERFACE": tap}
-    if seq is not None:
-        env["INTERFACE_INDEX"] = str(seq)
-    env["INTERFACE_UUID"] = uuid
-    ip = _optional_str(nic, "ip")
-    if ip:
-        env["IP"] = ip
-    name = _optional_str(nic, "name")
-    if name:
-        env["INTERFACE_NAME"] = name
-    link = _optional_str(params, "link") or ""
-    if link:
-        env["LINK"] = link
-    vlan = _optional_str(params, "vlan")
-    if vlan is not None:  # Ganeti exports it whenever the key exists, even empty
-        env["VLAN"] = vlan
-    if _optional_str(nic, "network"):
-        env.update(_network_env(nic.get("netinfo")))
-    if mode == "bridged":
-        env["BRIDGE"] = link
-    return env
-
-
-def _network_env(netinfo: object) -> dict[str, str]:
-    """``objects.Network.HooksDict()`` from the network dict Ganeti embeds."""
-    if netinfo is None:
-        return {}
-    if not isinstance(netinfo, dict):
-        raise _Garbage
-    env = {}
-    for key, field in (("NETWORK_NAME", "name"), ("NETWORK_UUID", "uuid")):
-        value = _optional_str(netinfo, field)
-        if value is not None:
-            env[key] = value
-    tags = netinfo.get("tags")
-    if tags is None:
-        tags = []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise _Garbage
-    env["NETWORK_TAGS"] = " ".join(tags)
-    for key, field in (
-        ("NETWORK_SUBNET", "network"),
-        ("NETWORK_GATEWAY", "gateway"),
-        ("NETWORK_SUBNET6", "network6"),
-        ("NETWORK_GATEWAY6", "gateway6"),
-        ("NETWORK_MAC_PREFIX", "mac_prefix"),
-    ):
-        value = _optional_str(netinfo, field)
-        if value:
-            env[key] = value
-    return env
-
-
-def _required_str(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise _Garbage
-    return value
-
-
-def _optional_str(data: dict[str, Any], key: str) -> str | None:
-    """A string field; None when absent or null (``ToDict`` drops None values)."""
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _Garbage
-    return value
-
-
-def _load_runtime_nics(run_dir: Path, instance: str) -> list[dict[str, Any]] | None:
-    conf = run_dir / "kvm-hypervisor" / "conf"
-    data = _read_file(conf, f"{instance}.runtime", MAX_RUNTIME_FILE)
-    if data is None:
-        return None
-    import json  # only once a tap file matched: most calls never get here
-
-    try:
-        runtime = json.loads(data[0])
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(runtime, list) or len(runtime) < 2:
-        return None
-    nics = runtime[1]
-    if not isinstance(nics, list) or not all(isinstance(n, dict) for n in nics):
-        return None
-    return nics
-
-
-def _scan(run_dir: Path) -> list[tuple[str, list[_TapFile]]]:
-    """Every instance directory under ``nic/`` with its readable tap files."""
-    root = run_dir / "kvm-hypervisor" / "nic"
-    try:
-        with os.scandir(root) as entries:
-            names = [e.name for e in entries if _valid_instance(e.name)]
-    except OSError:
-        return []
-    result = []
-    for instance in sorted(names):
-        files = _instance_files(root / instance)
-        if files:
-            result.append((instance, files))
-    return result
-
-
-def _instance_files(directory: Path) -> list[_TapFile]:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return []  # gone, unreadable, or a symlink that could lead anywhere
-    try:
-        with os.scandir(dir_fd) as entries:
-            names = [e.name for e in entries]
-        files = []
-        for name in names:
-            seq = int(name) if _SEQ_RE.match(name) else None
-            uuid = name if _UUID_RE.match(name) else None
-            if seq is None and uuid is None:
-                continue
-            content = _read_at(dir_fd, directory, name, MAX_TAP_FILE)
-            if content is None:
-                continue
-            data, mtime_ns = content
-            tap = os.fsdecode(data[:-1] if data.endswith(b"\n") else data)
-            if _valid_ifname(tap):
-                files.append(_TapFile(name, tap, mtime_ns, seq, uuid))
-        return files
-    except OSError:
-        return []
-    finally:
-        os.close(dir_fd)
-
-
-def _read_file(directory: Path, name: str, limit: int) -> tuple[bytes, int] | None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return _read_at(dir_fd, directory, name, limit, follow_sibling=False)
-    finally:
-        os.close(dir_fd)
-
-
-def _read_at(
-    dir_fd: int, directory: Path, name: str, limit: int, follow_sibling: bool = True
-) -> tuple[bytes, int] | None:
-    """Content and mtime of regular file ``name`` in ``dir_fd``, or None.
-
-    Symlinks are not followed, except (``follow_sibling``) one that points at a
-    file of the same directory: the ifdown design keeps ``<seq>`` as a symlink
-    to ``<nic-uuid>``. Non-blocking so that a FIFO planted there cannot hang us.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    except OSError as err:
-        if err.errno != errno.ELOOP or not follow_sibling:
-            return None
-        sibling = _sibling_target(dir_fd, directory, name)
-        if sibling is None:
-            return None
-        try:
-            fd = os.open(sibling, flags, dir_fd=dir_fd)
-        except OSError:
-            return None
-    from nichooks.safefile import read_fd
-
-    try:
-        return read_fd(fd, limit), os.fstat(fd).st_mtime_ns
-    except (OSError, ValueError):  # ValueError: NotReadable
-        return None
-    finally:
-        os.close(fd)
-
-
-def _sibling_target(dir_fd: int, directory: Path, name: str) -> str | None:
-    """The file name a symlink points to, if it stays in ``directory``."""
-    try:
-        target = os.readlink(name, dir_fd=dir_fd)
-    except OSError:
-        return None
-    parent, base = os.path.split(target)
-    if not base or base in (".", "..") or not _valid_instance(base):
-        return None
-    if parent and os.path.realpath(directory / parent) != os.path.realpath(directory):
-        return None
-    return base
-
 
 def _link_exists(name: str) -> bool:
     return os.path.exists(os.path.join("/sys/class/net", name))
-
-
-def _qemu_running(run_dir: Path, instance: str) -> bool:
-    """Whether the process in Ganeti's pid file for the instance exists."""
-    data = _read_file(run_dir / "kvm-hypervisor" / "pid", instance, 64)
-    if data is None:
-        return False
-    text = data[0].strip()
-    if not text.isdigit() or len(text) > 10:
-        return False
-    return os.path.exists(f"/proc/{int(text)}")
-
-
-def _valid_instance(name: str) -> bool:
-    """A directory entry usable as an instance name: one path component that
-    cannot lead elsewhere, and text an environment variable can carry."""
-    if name in ("", ".", "..") or "/" in name or "\0" in name:
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes in the name
-        return False
-    return True
-
-
-def _valid_ifname(name: str) -> bool:
-    """The kernel's rule for interface names (``dev_valid_name``)."""
-    if not name or name in (".", ".."):
-        return False
-    try:
-        if len(os.fsencode(name)) >= _IFNAMSIZ:
-            return False
-    except UnicodeEncodeError:
-        return False
-    return not any(c == "/" or c == ":" or c.isspace() for c in name)

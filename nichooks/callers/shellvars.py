@@ -1,6 +1,6 @@
 """Read a file of bash variable assignments the way ``source`` would, without bash.
 
-Ganeti's Xen NIC file (contract §6.3) and our own spec files for plain QEMU are
+Ganeti's Xen NIC file and our own spec files for plain QEMU are
 written to be ``source``-d by a shell script: ``TAGS="t1\\ t2"``, ``MAC=aa:...``,
 ``LINK=``. Running bash on them from a hook would cost a process, and would run
 whatever else the file holds, with root privileges. So this module implements

@@ -1,5 +1,5 @@
 """What a Xen vif script can learn about its NIC: the vif name, xenstore, `xl`, and
-Ganeti's Xen NIC file (contract §6).
+Ganeti's Xen NIC file (docs/architecture.md, "Interfaces").
 
 libxl gives a vif script nothing but `vif=vif<domid>.<devid>` and the backend's
 xenstore path. Ganeti writes the NIC's variables to

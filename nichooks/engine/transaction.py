@@ -162,9 +162,13 @@ class Transaction:
             self.rollback(exc.cause, "journal")
         try:
             failures = scripts()
-        except BaseException:
+        except BaseException as exc:  # the scripts could not even be run: as a failed one
             final.discard()
-            raise
+            self.journal.state = State.APPLYING
+            if not isinstance(exc, Exception):
+                self.undo_new()
+                raise
+            self.rollback(f"custom scripts: {cause(exc)}", "custom script")
         if failures:
             final.discard()
             self.journal.state = State.APPLYING

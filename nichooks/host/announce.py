@@ -2,7 +2,7 @@
 ARP (request and reply) for IPv4 and an unsolicited Neighbour Advertisement for IPv6,
 sent from raw sockets (stdlib only; no arping, no ndsend).
 
-Routed mode calls these on the uplink after a guest arrives (DESIGN §3), so that the
+Routed mode calls these on the uplink after a guest arrives, so that the
 upstream router sends the guest's traffic here at once instead of to the old host.
 
 What a Linux neighbour on the segment does with them (kernel 6.x defaults, proven in

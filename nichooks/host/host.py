@@ -1,5 +1,6 @@
-"""What a step or an undo function talks to: the kernel (netlink) and, opened only
-when a step first asks, the Open vSwitch database and OpenFlow switch.
+"""What a step or an undo function talks to: the drivers of one host, composed. The
+kernel's rtnetlink (`netlink`, opened on first request) and, opened only when a step
+first asks, the Open vSwitch database and OpenFlow switch.
 
 Undo functions receive only this object and a JSON record, so everything they need
 to reach (the OVSDB remote, OVS_RUNDIR, timeouts) comes from the settings here,
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nichooks.host.netlink import Routing
+from nichooks.host.netlink import Netlink
 
 if TYPE_CHECKING:
     from nichooks.host.openflow import OpenFlow
@@ -19,10 +20,10 @@ if TYPE_CHECKING:
     from nichooks.settings import Settings
 
 
-class Host(Routing):
+class Host:
     def __init__(self, settings: Settings) -> None:
-        super().__init__()
         self.settings = settings
+        self.netlink = Netlink()
         self._ovsdb: Ovsdb | None = None
 
     def ovsdb(self) -> Ovsdb:
@@ -48,4 +49,4 @@ class Host(Routing):
         if self._ovsdb is not None:
             self._ovsdb.close()
             self._ovsdb = None
-        super().close()
+        self.netlink.close()

@@ -55,7 +55,18 @@ def ignore_gone() -> Iterator[None]:
             raise
 
 
+AF_INET, AF_INET6 = 2, 10
+NTF_PROXY = 0x08
+RT_SCOPE_LINK = 253
+
+
+def family_of(addr: str) -> int:
+    return AF_INET6 if ":" in addr else AF_INET
+
+
 class Netlink:
+    """One rtnetlink socket for links, VLAN entries, rules, routes and proxy neighbours."""
+
     def __init__(self) -> None:
         self._ipr: Any = None
 
@@ -144,30 +155,9 @@ class Netlink:
                     out[info["vid"]] = flags
         return out
 
-
-def _errtext(code: int, exc: Exception) -> str:
-    import os
-
-    try:
-        return os.strerror(code)
-    except ValueError:
-        return str(exc)
-
-
-# -- routing: rules, routes, proxy neighbours, sysctls (routed mode) --------------------
-AF_INET, AF_INET6 = 2, 10
-NTF_PROXY = 0x08
-RT_SCOPE_LINK = 253
-
-
-def family_of(addr: str) -> int:
-    return AF_INET6 if ":" in addr else AF_INET
-
-
-class Routing(Netlink):
-    """Netlink plus what routed mode needs. Each call is one request; lookups filter
-    in Python because the kernel's route `get` is a lookup, not a table filter."""
-
+    # -- routing: rules, routes, proxy neighbours (routed mode) ----------------------
+    # Each call is one request; lookups filter in Python because the kernel's route
+    # `get` is a lookup, not a table filter.
     def rules(self, family: int) -> list[dict[str, Any]]:
         out = []
         for msg in self._call(self.ipr.get_rules, family=family):
@@ -237,6 +227,15 @@ class Routing(Netlink):
     def proxy_del(self, addr: str, ifindex: int) -> None:
         self._call(self.ipr.neigh, "del", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
                    family=family_of(addr))
+
+
+def _errtext(code: int, exc: Exception) -> str:
+    import os
+
+    try:
+        return os.strerror(code)
+    except ValueError:
+        return str(exc)
 
 
 def _rule_proto(proto: int) -> int:

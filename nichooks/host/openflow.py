@@ -178,8 +178,8 @@ class OpenFlowError(Exception):
 
 
 class OpenFlow:
-    """ovs-ofctl against one bridge's management socket in OVS_RUNDIR (DESIGN §4:
-    `<rundir>/<bridge>.mgmt`), with a timeout on every call."""
+    """ovs-ofctl against one bridge's management socket in OVS_RUNDIR
+    (`<rundir>/<bridge>.mgmt`), with a timeout on every call: a hook must never hang."""
 
     def __init__(self, rundir: Path, timeout: float) -> None:
         self.rundir = rundir
@@ -267,5 +267,5 @@ class OpenFlow:
 
 
 def ofctl_path() -> str:
-    """By absolute path: Ganeti's PATH may lack /usr/bin's neighbours (DESIGN §4)."""
+    """By absolute path: Ganeti's PATH may lack /usr/bin's neighbours."""
     return shutil.which("ovs-ofctl", path="/usr/bin:/usr/sbin:/usr/local/bin:/bin") or "ovs-ofctl"

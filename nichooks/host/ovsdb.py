@@ -9,16 +9,19 @@ mutate it), so a plug costs the same on a switch with 2000 ports as on an empty 
 Every wait has a deadline: an ovsdb-server that accepts the connection and then
 says nothing, or an ovs-vswitchd that never applies a change, is a clear error
 after `timeout` seconds, never a hung hook (DESIGN §4: Ganeti waits forever).
+
+Reads of the whole switch (a sweep, an audit) would defeat the conditional monitor,
+so they are not done here but over plain JSON-RPC, in ovsdb_view.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from nichooks.host.ovsdb_rpc import OvsdbError as OvsdbError  # re-exported: steps raise db.OvsdbError
+from nichooks.host.ovsdb_rpc import fetch_schema
 
 # external_ids keys: the ones OVN (ovn-controller binds a port by iface-id) and
 # libvirt use, plus our owner mark so a sweep finds our ports after a reboot.
@@ -38,10 +41,6 @@ TABLES: dict[str, list[str]] = {
 # Written (mutated) but never replicated: a bridge with 1000 ports would otherwise
 # ship 1000 UUIDs to every hook.
 UNREPLICATED = {"Bridge": ["ports"]}
-
-
-class OvsdbError(Exception):
-    """OVSDB unreachable, too slow, or a transaction refused; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -346,156 +345,3 @@ def _detach_op(port_uuid: str) -> dict[str, Any]:
     ref = ["uuid", port_uuid]
     return {"op": "mutate", "table": "Bridge", "where": [["ports", "includes", ref]],
             "mutations": [["ports", "delete", ["set", [ref]]]]}
-
-
-def fetch_schema(remote: str, deadline: float) -> Any:
-    """The server's Open_vSwitch schema, over a plain socket with the stdlib's C JSON
-    parser (the `ovs` package's pure-Python parser takes ~15 ms on it)."""
-    return _rpc(remote, "get_schema", ["Open_vSwitch"], deadline)
-
-
-def owned_ports(remote: str, deadline: float) -> list[tuple[str, str, str]]:
-    """(port name, owner key, port UUID) of every port carrying our owner mark, on any
-    bridge. One read-only `select`: a sweep after a reboot must find ports whose
-    journals went with /run, and it needs no IDL replica of every port for that."""
-    result = _rpc(remote, "transact", ["Open_vSwitch", {
-        "op": "select", "table": "Port", "where": [],
-        "columns": ["_uuid", "name", "external_ids"]}], deadline)
-    if not isinstance(result, list) or not result or "rows" not in result[0]:
-        raise OvsdbError(f"{remote}: unexpected reply to select: {result!r:.120}")
-    out = []
-    for row in result[0]["rows"]:
-        ids = dict(row.get("external_ids", ["map", []])[1])
-        if OWNER in ids:
-            out.append((str(row["name"]), str(ids[OWNER]), str(row["_uuid"][1])))
-    return out
-
-
-@dataclass(frozen=True)
-class MarkedPort:
-    """A port whose Port row or one of whose Interfaces carries our owner mark."""
-
-    name: str
-    uuid: str
-    bridge: str | None
-    owner: str | None            # the Port row's mark: what unplug() requires
-    marks: frozenset[str]        # every mark, Port and Interfaces
-    ofports: frozenset[int]
-
-
-@dataclass(frozen=True)
-class SwitchView:
-    """What a sweep needs to know of the whole switch, from one read."""
-
-    bridges: tuple[BridgeInfo, ...]
-    ports: tuple[MarkedPort, ...]
-
-
-def _members(value: Any) -> list[Any]:
-    """A column in OVSDB's JSON (a bare atom, or ["set", [...]]) as a list of atoms."""
-    if isinstance(value, list) and len(value) == 2 and value[0] == "set":
-        return list(value[1])
-    return [value]
-
-
-def _ref(value: Any) -> str:
-    return str(value[1]) if isinstance(value, list) and len(value) == 2 else str(value)
-
-
-def _ids(value: Any) -> dict[str, str]:
-    if isinstance(value, list) and len(value) == 2 and value[0] == "map":
-        return {str(k): str(v) for k, v in value[1]}
-    return {}
-
-
-def switch_view(remote: str, deadline: float) -> SwitchView:
-    """Every bridge (what decides whether we add flows on it: fail_mode, controllers)
-    and every port marked as ours, with its bridge and OpenFlow port numbers. One
-    read-only transaction of selects, so the parts agree with each other; no IDL
-    replica of every port for it."""
-    def select(table: str, *columns: str) -> dict[str, Any]:
-        return {"op": "select", "table": table, "where": [], "columns": ["_uuid", *columns]}
-
-    result = _rpc(remote, "transact", [
-        "Open_vSwitch",
-        select("Bridge", "name", "fail_mode", "controller", "datapath_type", "ports"),
-        select("Controller", "target"),
-        select("Port", "name", "external_ids", "interfaces"),
-        select("Interface", "external_ids", "ofport")], deadline)
-    if not isinstance(result, list) or len(result) != 4 or not all(
-            isinstance(r, dict) and "rows" in r for r in result):
-        raise OvsdbError(f"{remote}: unexpected reply to select: {result!r:.120}")
-    bridge_rows, controller_rows, port_rows, iface_rows = (r["rows"] for r in result)
-    targets = {_ref(row["_uuid"]): str(row["target"]) for row in controller_rows}
-    ifaces = {_ref(row["_uuid"]): row for row in iface_rows}
-    bridges, bridge_of = [], {}
-    for row in bridge_rows:
-        name = str(row["name"])
-        fail_mode = _members(row.get("fail_mode", ["set", []]))
-        controllers = [targets.get(_ref(c), _ref(c)) for c in _members(row.get("controller", ["set", []]))]
-        bridges.append(BridgeInfo(
-            name=name, fail_mode=str(fail_mode[0]) if fail_mode else None,
-            controllers=tuple(sorted(controllers)),
-            datapath_type=str(row.get("datapath_type") or "system"), mtu=None))
-        for port in _members(row.get("ports", ["set", []])):
-            bridge_of[_ref(port)] = name
-    ports = []
-    for row in port_rows:
-        uuid = _ref(row["_uuid"])
-        own = _ids(row.get("external_ids")).get(OWNER)
-        members = [ifaces[_ref(i)] for i in _members(row.get("interfaces", ["set", []]))
-                   if _ref(i) in ifaces]
-        marks = {own} if own is not None else set()
-        marks |= {m for i in members if (m := _ids(i.get("external_ids")).get(OWNER)) is not None}
-        if not marks:
-            continue
-        ofports = {n for i in members for n in _members(i.get("ofport", ["set", []]))
-                   if isinstance(n, int) and n > 0}
-        ports.append(MarkedPort(name=str(row["name"]), uuid=uuid, bridge=bridge_of.get(uuid),
-                                owner=own, marks=frozenset(marks), ofports=frozenset(ofports)))
-    return SwitchView(bridges=tuple(sorted(bridges, key=lambda b: b.name)),
-                      ports=tuple(sorted(ports, key=lambda p: p.name)))
-
-
-def _rpc(remote: str, method: str, params: list[Any], deadline: float) -> Any:
-    """One JSON-RPC request on a fresh connection; its result or OvsdbError."""
-    kind, _, where = remote.partition(":")
-    try:
-        if kind == "unix":
-            if not os.path.exists(where):
-                raise OvsdbError(f"OVSDB socket {where} does not exist (is ovsdb-server running?)")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: Any = where
-        elif kind == "tcp":
-            host, _, port = where.rpartition(":")
-            sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
-            address = (host.strip("[]"), int(port))
-        else:
-            raise OvsdbError(f"NICHOOKS_OVSDB {remote!r}: only unix: and tcp: remotes are supported")
-        with sock:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.connect(address)
-            sock.sendall(json.dumps({"method": method, "params": params, "id": 0}).encode())
-            buffer = b""
-            decoder = json.JSONDecoder()
-            while True:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise OvsdbError(f"{remote} closed the connection")
-                buffer += chunk
-                try:
-                    reply, _ = decoder.raw_decode(buffer.decode())
-                except (ValueError, UnicodeDecodeError):
-                    continue
-                if reply.get("error"):
-                    raise OvsdbError(f"{remote}: {method} failed: {reply['error']}")
-                if method == "transact":
-                    for op in reply.get("result") or []:
-                        if isinstance(op, dict) and op.get("error"):
-                            raise OvsdbError(f"{remote}: {method} failed: {op['error']}")
-                return reply["result"]
-    except TimeoutError:
-        raise OvsdbError(f"no answer from the OVSDB at {remote} within the timeout") from None
-    except OSError as exc:
-        raise OvsdbError(f"cannot reach the OVSDB at {remote}: {exc.strerror or exc}") from None

@@ -1,6 +1,6 @@
 """Ganeti's VLAN syntax, parsed once into a value every backend can trust.
 
-Ganeti (contract §4) documents three shapes for the ``vlan`` NIC parameter:
+Ganeti documents three shapes for the ``vlan`` NIC parameter:
 access ``n`` or ``.n``, trunk ``:n[:n...]`` and hybrid ``.n:n[:n...]`` (the same
 syntax as Xen's ``vif-openvswitch`` bridge suffix). Only ``gnt-instance add``
 validates and normalises it; ``gnt-instance modify``, RAPI and ``gnt-network
@@ -62,7 +62,7 @@ class VlanSpec:
 
         Spelled out because OVS infers the mode from ``tag``/``trunks`` otherwise,
         and a port with a tag plus trunks and no mode is an *access* port that
-        drops the tagged traffic the hybrid spec asked for (DESIGN §3).
+        drops the tagged traffic the hybrid spec asked for.
         """
         if self.access is None:
             return "trunk" if self.trunks else None

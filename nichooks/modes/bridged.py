@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from nichooks.engine.plan import Plan
 from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
-from nichooks.host.netlink import LinkState, Netlink
-from nichooks.host.steps.link import BridgeVlans, SetLink
+from nichooks.host.netlink import LinkState
+from nichooks.host.steps.link import BridgeVlans, SetLink, describe_non_bridge
 from nichooks.model.nic import Nic, with_link
 from nichooks.modes.base import Mode
 
@@ -25,43 +25,22 @@ if TYPE_CHECKING:
     from nichooks.settings import Settings
 
 
-def describe_non_bridge(link: LinkState, net: Netlink) -> str:
-    """Say what LINK is, so the operator knows which setting is wrong."""
-    if link.slave_kind == "bond" or (link.master and _kind_of(net, link.master) == "bond"):
-        return (f"LINK {link.name} is a bond member, not a bridge: cannot plug a guest into "
-                "a bond slave; use the bridge on top of the bond")
-    if link.slave_kind == "bridge" and link.master:
-        master = net.by_index(link.master)
-        return (f"LINK {link.name} is a port of bridge {master.name if master else link.master}, "
-                "not a bridge")
-    if link.kind == "openvswitch":
-        return f"LINK {link.name} is an Open vSwitch device, not a Linux bridge: use MODE=openvswitch"
-    if link.kind is None:
-        return f"LINK {link.name} is a plain network interface, not a bridge"
-    return f"LINK {link.name} is a {link.kind} device, not a bridge"
-
-
-def _kind_of(net: Netlink, index: int) -> str | None:
-    state = net.by_index(index)
-    return state.kind if state else None
-
-
-def preflight(nic: Nic, net: Netlink) -> tuple[LinkState, LinkState]:
+def preflight(nic: Nic, net: Host) -> tuple[LinkState, LinkState]:
     """Check everything that can be checked before a change; return (bridge, tap)."""
     assert nic.link is not None  # nic.py requires LINK in bridged mode
-    bridge = net.find(nic.link)
+    bridge = net.netlink.find(nic.link)
     if bridge is None:
         raise PlumbingError(f"LINK {nic.link}: no such device", nic=nic.label(), step="preflight")
     if bridge.kind != "bridge":
         raise PlumbingError(describe_non_bridge(bridge, net), nic=nic.label(), step="preflight")
-    tap = net.find(nic.tap)
+    tap = net.netlink.find(nic.tap)
     if tap is None:
         raise PlumbingError(f"tap {nic.tap} does not exist", nic=nic.label(), step="preflight")
     reason = tap.not_a_tap() or (f"{nic.tap} is the bridge itself, not a guest tap"
                                   if tap.index == bridge.index else None)
     if reason:
         raise PlumbingError(reason, nic=nic.label(), step="preflight")
-    if nic.vlan is not None and not net.bridge_vlan_filtering(bridge):
+    if nic.vlan is not None and not net.netlink.bridge_vlan_filtering(bridge):
         raise PlumbingError(
             f"VLAN {nic.vlan.canonical()} requested but bridge {bridge.name} cannot filter VLANs "
             f"(vlan_filtering is off; enable it with 'ip link set {bridge.name} type bridge "
@@ -70,7 +49,7 @@ def preflight(nic: Nic, net: Netlink) -> tuple[LinkState, LinkState]:
     return bridge, tap
 
 
-def plan(nic: Nic, net: Netlink) -> Plan:
+def plan(nic: Nic, net: Host) -> Plan:
     bridge, tap = preflight(nic, net)
     steps: list[Step] = [
         SetLink(nic.tap, "mac", "fe" + tap.mac[2:]),
@@ -100,7 +79,7 @@ class Bridged(Mode):
 
 
 @rebuilds("bridge.vlans")
-def rebuild_bridge_vlans(undo: dict[str, Any], nic: Nic, net: Netlink) -> BridgeVlans | None:
+def rebuild_bridge_vlans(undo: dict[str, Any], nic: Nic, net: Host) -> BridgeVlans | None:
     if nic.vlan is None:
         return None
     return BridgeVlans(str(undo["ifname"]), nic.vlan.access, nic.vlan.trunks)

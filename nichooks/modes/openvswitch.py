@@ -19,11 +19,13 @@ from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
 from nichooks.host import ovsdb as db
 from nichooks.host.openflow import cookie
+from nichooks.host.ovsdb_view import owned_ports
 from nichooks.host.steps.link import SetLink
 from nichooks.host.steps.ovs import OvsFlows, OvsPort
 from nichooks.model.addresses import guest_addresses
 from nichooks.model.nic import Nic
 from nichooks.modes.base import Mode
+from nichooks.modes.ovs_policy import flows_withheld, ovs_present
 
 if TYPE_CHECKING:
     from nichooks.engine.actions import Action
@@ -44,25 +46,13 @@ def _describe_non_ovs(net: Host, nic: Nic, link: str) -> str:
     port = ovsdb.port(link)
     if port is not None:
         return f"LINK {link} is a port of an Open vSwitch bridge, not a bridge"
-    state = net.find(link)
+    state = net.netlink.find(link)
     if state is None:
         return f"LINK {link}: no such Open vSwitch bridge (and no such device)"
     if state.kind == "bridge":
         return f"LINK {link} is a Linux bridge, not an Open vSwitch bridge: use MODE=bridged"
     return (f"LINK {link} is a {state.kind or 'plain network'} device, not an Open vSwitch "
             "bridge")
-
-
-def flows_withheld(settings: Settings, bridge: db.BridgeInfo) -> str | None:
-    """Why a plug adds no anti-spoofing flows on this bridge, or None if it adds them.
-    One rule for both sides: the sweep deletes flows only where a plug adds them, so
-    a flow on any other bridge is someone else's whatever its cookie says."""
-    if settings.ovs_antispoof == "off":
-        return "anti-spoofing flows are off (NICHOOKS_OVS_ANTISPOOF=off)"
-    managed = bridge.controller_managed
-    if managed:
-        return f"no anti-spoofing flows: {managed}; filtering is left to the controller"
-    return None
 
 
 def port_spec(nic: Nic, bridge: str, mtu: int | None) -> db.PortSpec:
@@ -98,7 +88,7 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
         raise
     except Exception as exc:  # OvsdbError, or the ovs library refusing (an older schema)
         raise PlumbingError(str(exc) or type(exc).__name__, nic=label, step="preflight") from None
-    tap = net.find(nic.tap)
+    tap = net.netlink.find(nic.tap)
     if tap is None:
         raise _fail(nic, f"tap {nic.tap} does not exist")
     reason = tap.not_a_tap() or (f"{nic.tap} is the bridge itself, not a guest tap"
@@ -125,7 +115,7 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
 def rebuild_port(undo: dict[str, Any], nic: Nic, net: Host) -> OvsPort:
     bridge = str(undo["bridge"])
     info = net.ovsdb().bridge(bridge)
-    tap = net.find(nic.tap)
+    tap = net.netlink.find(nic.tap)
     mtu = net.settings.ovs_mtu or (info.mtu if info else None) or (tap.mtu if tap else None)
     return OvsPort(port_spec(nic, bridge, mtu), owner=str(undo["owner"]))
 
@@ -154,7 +144,7 @@ class OpenVswitch(Mode):
         if not ovs_present(settings):
             return set()
         deadline = time.monotonic() + settings.ovs_timeout
-        ports = {(name, owner) for name, owner, _u in db.owned_ports(settings.ovsdb, deadline)}
+        ports = {(name, owner) for name, owner, _u in owned_ports(settings.ovsdb, deadline)}
         openflow = net.openflow()
         cookies: dict[str, set[int]] = {}
         for bridge in {str(r.undo.get("bridge")) for j in journals for r in j.records
@@ -167,14 +157,6 @@ class OpenVswitch(Mode):
         from nichooks.modes.ovs_orphans import sweep_ovs
 
         return sweep_ovs(store, net, settings, dry_run=dry_run, log=log)
-
-
-def ovs_present(settings: Settings) -> bool:
-    """Whether this host runs an OVSDB we can reach (no socket: nothing to look at)."""
-    import os
-
-    kind, _, where = settings.ovsdb.partition(":")
-    return kind != "unix" or os.path.exists(where)
 
 
 def _missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:

@@ -15,14 +15,14 @@ from nichooks.engine.journal import check_key
 from nichooks.engine.locks import BUSY_TIMEOUT, locked
 from nichooks.engine.store import Store
 from nichooks.errors import InvalidInput, LockTimeout
-from nichooks.host import ovsdb as db
 from nichooks.host.openflow import cookie
-from nichooks.modes.openvswitch import flows_withheld, ovs_present
+from nichooks.host.ovsdb_view import switch_view
+from nichooks.modes.ovs_policy import flows_withheld, ovs_present
 
 if TYPE_CHECKING:
     from nichooks.host.host import Host
     from nichooks.host.openflow import Flow
-    from nichooks.host.ovsdb import MarkedPort
+    from nichooks.host.ovsdb_view import MarkedPort
     from nichooks.log import HookLog
     from nichooks.settings import Settings
 
@@ -73,7 +73,7 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
 
     deadline = time.monotonic() + settings.ovs_timeout
     try:
-        view = db.switch_view(settings.ovsdb, deadline)
+        view = switch_view(settings.ovsdb, deadline)
         # Flows first, journals after: a flow is added only after its journal exists, so
         # a cookie no journal read *later* claims is an orphan.
         openflow = net.openflow()
@@ -99,7 +99,7 @@ def sweep_ovs(store: Store, net: Host, settings: Settings, *, dry_run: bool,
             except InvalidInput:
                 continue
         issued.update((cookie(k), k) for k in marks)
-        if marks - keys and net.find(port.name) is not None:
+        if marks - keys and net.netlink.find(port.name) is not None:
             # The device is there: a live guest may be behind it. Without its journal we
             # cannot tell; leave its port and flows alone.
             live |= marks - keys

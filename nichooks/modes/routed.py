@@ -23,10 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nichooks.engine.journal import Record
 from nichooks.engine.plan import Plan
 from nichooks.engine.records import Step
 from nichooks.errors import NicHooksError, PlumbingError
-from nichooks.host.netlink import AF_INET, AF_INET6, Routing, conf_key, sysctl_name, sysctl_read
+from nichooks.host.netlink import AF_INET, AF_INET6, conf_key, sysctl_name, sysctl_read
 from nichooks.host.steps.link import SetLink
 from nichooks.host.steps.routing import (
     FAMILY_NAME,
@@ -39,7 +40,6 @@ from nichooks.host.steps.routing import (
     Sysctl,
     owned_message,
     route_owner,
-    uplink_entries,
 )
 from nichooks.model import validate
 from nichooks.model.addresses import primary_addresses
@@ -106,18 +106,18 @@ def migration_target_before_switchover(nic: Nic) -> bool:
     return nic.migration_phase == "pre"
 
 
-def _uplink(net: Routing, nic: Nic, family: int, table: int, override: str | None) -> str | None:
+def _uplink(net: Host, nic: Nic, family: int, table: int, override: str | None) -> str | None:
     if override:
-        if net.find(override) is None:
+        if net.netlink.find(override) is None:
             raise PlumbingError(f"{FAMILY_NAME[family]} uplink {override} (setting): no such device",
                                 nic=nic.label(), step="preflight")
         return override
-    index = net.default_route_dev(family, table)
-    state = net.by_index(index) if index else None
+    index = net.netlink.default_route_dev(family, table)
+    state = net.netlink.by_index(index) if index else None
     return state.name if state else None
 
 
-def _sysctl_needs(net: Routing, families: dict[int, str], uplinks: dict[int, str | None],
+def _sysctl_needs(net: Host, families: dict[int, str], uplinks: dict[int, str | None],
                   gateway6: bool) -> list[tuple[str, str]]:
     """(key, value) of every shared sysctl routed mode needs that is not set yet, in the
     order to set them (accept_ra=2 before IPv6 forwarding, or the uplink drops RAs)."""
@@ -142,14 +142,14 @@ def _sysctl_needs(net: Routing, families: dict[int, str], uplinks: dict[int, str
     return needs
 
 
-def plan(nic: Nic, net: Routing, settings: Settings) -> Plan:
+def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     label = nic.label()
     families = addresses(nic)
     try:
         table = resolve_table(nic.link, settings.iproute2_dir)
     except PlumbingError as exc:
         raise PlumbingError(exc.cause, nic=label, step="preflight") from None
-    tap = net.find(nic.tap)
+    tap = net.netlink.find(nic.tap)
     if tap is None:
         raise PlumbingError(f"tap {nic.tap} does not exist", nic=label, step="preflight")
     if tap.loopback:  # a rule `iif lo` would catch the host's own traffic
@@ -257,3 +257,11 @@ def announce(announcements: list[tuple[str, str]], log: HookLog) -> None:
             log.error("announce", dev=dev, addr=addr, result="failed", cause=cause(exc))
         else:
             log.info("announce", dev=dev, addr=addr, result="ok")
+
+
+def uplink_entries(records: list[Record], tap: str) -> list[tuple[str, str]]:
+    """(uplink, address) of every proxy entry a routed plug made on an uplink, i.e. on
+    another device than its tap: what is announced after switchover, and the uplinks
+    the agent watches."""
+    return [(str(r.undo.get("dev")), str(r.undo.get("addr"))) for r in records
+            if r.kind == "route.proxy" and r.undo.get("dev") != tap]

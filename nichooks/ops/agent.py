@@ -13,7 +13,7 @@ when it starts, after any lost event, and every SWEEP_EVERY intervals.
 
 Every action holds the NIC's locks and is decided from the journal's ifindex, so the
 agent never touches a newer plug on a reused tap name. Hooks never start the agent
-(DESIGN §4): systemd does (share/nichooks-agent.service).
+(docs/architecture.md, "The agent"): systemd does (share/nichooks-agent.service).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class Agent:
         self.failing = {k: v for k, v in self.failing.items() if k in keys}
         for name in refs:
             if name not in self.seen:
-                state = self.net.find(name)
+                state = self.net.netlink.find(name)
                 self.seen[name] = (state.index, state.up) if state else (0, False)
 
     def _next_retry(self) -> float:

@@ -38,7 +38,7 @@ def ifup(settings: Settings, nic: Nic, *, env: Mapping[str, str], context: str |
     mode = registry.get(nic.mode)
     net = Host(settings)
     try:
-        net.ipr  # noqa: B018  pyroute2's import and socket before the lock, not while holding it
+        net.netlink.ipr  # noqa: B018  pyroute2's import and socket before the lock, not while holding it
         with ExitStack() as stack:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
             # Preflight before converging: a refused ifup must leave an earlier plug
@@ -49,7 +49,7 @@ def ifup(settings: Settings, nic: Nic, *, env: Mapping[str, str], context: str |
                 plan = mode.plan(nic, net, settings)  # again: undoing changed the tap
             for note in plan.notes:
                 log.info("plan", note=note)
-            tap_state = net.find(nic.tap)
+            tap_state = net.netlink.find(nic.tap)
             journal = Journal(key=nic.key, tap=nic.tap, mode=nic.mode, instance=nic.instance,
                               link=nic.link, ifindex=tap_state.index if tap_state else None,
                               context=context, variables=dict(nic.variables),

@@ -43,8 +43,8 @@ def device_state(net: Host, journal: Journal) -> str:
     """Whether the device this plug was made on still exists. By ifindex: the same name
     on another index is a newer device, and this plug's device is gone."""
     if journal.ifindex is None:
-        return PRESENT_DEVICE if net.find(journal.tap) is not None else GONE
-    state = net.by_index(journal.ifindex)
+        return PRESENT_DEVICE if net.netlink.find(journal.tap) is not None else GONE
+    state = net.netlink.by_index(journal.ifindex)
     if state is None:
         return GONE
     return PRESENT_DEVICE if state.name == journal.tap else RENAMED

@@ -198,6 +198,8 @@ def preload() -> None:
     import filelock  # noqa: F401
 
     import nichooks.callers.ganeti
+    import nichooks.callers.ganeti_nic_env
+    import nichooks.callers.ganeti_run_dir
     import nichooks.callers.ganeti_runtime
     import nichooks.callers.shellvars
     import nichooks.callers.xen
@@ -209,6 +211,8 @@ def preload() -> None:
     import nichooks.host.netlink
     import nichooks.host.openflow
     import nichooks.host.ovsdb
+    import nichooks.host.ovsdb_rpc
+    import nichooks.host.ovsdb_view
     import nichooks.modes.registry
     import nichooks.ops.plug
     import nichooks.ops.unplug  # noqa: F401

@@ -8,12 +8,15 @@ Undo restores the previous value only while the link is still the one we changed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nichooks.engine.journal import Record
 from nichooks.engine.records import checks, rebuilds, undoes
-from nichooks.errors import NetlinkError
-from nichooks.host.netlink import LinkState, Netlink, ignore_gone
+from nichooks.errors import NetlinkError, PlumbingError
+from nichooks.host.netlink import LinkState, ignore_gone
+
+if TYPE_CHECKING:
+    from nichooks.host.host import Host
 
 ATTRS = ("mac", "mtu", "master", "up")
 
@@ -22,9 +25,9 @@ def _current(state: LinkState, attr: str) -> Any:
     return {"mac": state.mac, "mtu": state.mtu, "master": state.master, "up": state.up}[attr]
 
 
-def require_link(net: Netlink, ifname: str) -> LinkState:
+def require_link(net: Host, ifname: str) -> LinkState:
     """The link by name, or the error a step reports when its device vanished under it."""
-    state = net.find(ifname)
+    state = net.netlink.find(ifname)
     if state is None:
         raise NetlinkError(19, f"{ifname} has disappeared")
     return state
@@ -63,17 +66,17 @@ class SetLink:
         return {"step": f"link.{self.attr}", "ifname": self.ifname,
                 "value": self.shown or self.value}
 
-    def prepare(self, net: Netlink) -> Record:
+    def prepare(self, net: Host) -> Record:
         state = require_link(net, self.ifname)
         return Record(kind=self.kind, step=self.describe(), undo={
             "ifindex": state.index, "ifname": self.ifname, "attr": self.attr,
             "old": _current(state, self.attr), "new": self.value})
 
-    def apply(self, net: Netlink) -> None:
-        net.set_link(require_link(net, self.ifname).index, **_netlink_args(self.attr, self.value))
+    def apply(self, net: Host) -> None:
+        net.netlink.set_link(require_link(net, self.ifname).index, **_netlink_args(self.attr, self.value))
 
-    def verify(self, net: Netlink) -> str | None:
-        state = net.find(self.ifname)
+    def verify(self, net: Host) -> str | None:
+        state = net.netlink.find(self.ifname)
         if state is None:
             return f"{self.ifname} has disappeared"
         now = _current(state, self.attr)
@@ -83,8 +86,8 @@ class SetLink:
 
 
 @undoes("link.attr")
-def undo_link_attr(net: Netlink, undo: dict[str, Any]) -> None:
-    state = net.by_index(undo["ifindex"])
+def undo_link_attr(net: Host, undo: dict[str, Any]) -> None:
+    state = net.netlink.by_index(undo["ifindex"])
     if state is None:
         return  # the link is gone, and everything we set on it with it
     attr = undo["attr"]
@@ -93,15 +96,15 @@ def undo_link_attr(net: Netlink, undo: dict[str, Any]) -> None:
     if _current(state, attr) != undo["new"]:
         return  # changed by someone else since: theirs now
     old = undo["old"]
-    if attr == "master" and old and net.by_index(old) is None:
+    if attr == "master" and old and net.netlink.by_index(old) is None:
         old = None  # the previous master is gone: detach only
     with ignore_gone():
-        net.set_link(state.index, **_netlink_args(attr, old))
+        net.netlink.set_link(state.index, **_netlink_args(attr, old))
 
 
 @checks("link.attr")
-def link_attr_present(net: Netlink, undo: dict[str, Any]) -> bool:
-    state = net.by_index(undo["ifindex"])
+def link_attr_present(net: Host, undo: dict[str, Any]) -> bool:
+    state = net.netlink.by_index(undo["ifindex"])
     return state is not None and _current(state, undo["attr"]) == undo["new"]
 
 
@@ -133,56 +136,77 @@ class BridgeVlans:
         return {"step": "bridge.vlans", "ifname": self.ifname,
                 "pvid_untagged": self.access, "tagged": list(self.trunks)}
 
-    def prepare(self, net: Netlink) -> Record:
+    def prepare(self, net: Host) -> Record:
         state = require_link(net, self.ifname)
-        before = net.port_vlans(state.index)
+        before = net.netlink.port_vlans(state.index)
         return Record(kind=self.kind, step=self.describe(), undo={
             "ifindex": state.index, "ifname": self.ifname,
             "added": sorted(self.wanted()),
             "removed": {str(vid): sorted(flags) for vid, flags in before.items()
                         if vid not in self.wanted()}})
 
-    def apply(self, net: Netlink) -> None:
+    def apply(self, net: Host) -> None:
         state = require_link(net, self.ifname)
         wanted = self.wanted()
         for vid, flags in sorted(wanted.items()):
-            net.vlan_add(state.index, vid, pvid="pvid" in flags, untagged="untagged" in flags)
-        for vid in net.port_vlans(state.index):
+            net.netlink.vlan_add(state.index, vid, pvid="pvid" in flags, untagged="untagged" in flags)
+        for vid in net.netlink.port_vlans(state.index):
             if vid not in wanted:
-                net.vlan_del(state.index, vid)
+                net.netlink.vlan_del(state.index, vid)
 
-    def verify(self, net: Netlink) -> str | None:
-        state = net.find(self.ifname)
+    def verify(self, net: Host) -> str | None:
+        state = net.netlink.find(self.ifname)
         if state is None:
             return f"{self.ifname} has disappeared"
-        have = net.port_vlans(state.index)
+        have = net.netlink.port_vlans(state.index)
         if have != self.wanted():
             return f"{self.ifname} VLANs are {have}, expected {self.wanted()}"
         return None
 
 
 @undoes("bridge.vlans")
-def undo_bridge_vlans(net: Netlink, undo: dict[str, Any]) -> None:
-    state = net.by_index(undo["ifindex"])
+def undo_bridge_vlans(net: Host, undo: dict[str, Any]) -> None:
+    state = net.netlink.by_index(undo["ifindex"])
     if state is None or state.slave_kind != "bridge":
         return  # gone, or no longer a bridge port: its VLAN entries went with it
     with ignore_gone():
         for vid in undo["added"]:
-            net.vlan_del(state.index, int(vid))
+            net.netlink.vlan_del(state.index, int(vid))
         for vid, flags in undo["removed"].items():
-            net.vlan_add(state.index, int(vid), pvid="pvid" in flags, untagged="untagged" in flags)
+            net.netlink.vlan_add(state.index, int(vid), pvid="pvid" in flags, untagged="untagged" in flags)
 
 
 @checks("bridge.vlans")
-def bridge_vlans_present(net: Netlink, undo: dict[str, Any]) -> bool:
-    state = net.by_index(undo["ifindex"])
+def bridge_vlans_present(net: Host, undo: dict[str, Any]) -> bool:
+    state = net.netlink.by_index(undo["ifindex"])
     if state is None or state.slave_kind != "bridge":
         return False
-    return set(undo["added"]) <= set(net.port_vlans(state.index))
+    return set(undo["added"]) <= set(net.netlink.port_vlans(state.index))
+
+
+def describe_non_bridge(link: LinkState, net: Host) -> str:
+    """Say what LINK is, so the operator knows which setting is wrong."""
+    if link.slave_kind == "bond" or (link.master and _kind_of(net, link.master) == "bond"):
+        return (f"LINK {link.name} is a bond member, not a bridge: cannot plug a guest into "
+                "a bond slave; use the bridge on top of the bond")
+    if link.slave_kind == "bridge" and link.master:
+        master = net.netlink.by_index(link.master)
+        return (f"LINK {link.name} is a port of bridge {master.name if master else link.master}, "
+                "not a bridge")
+    if link.kind == "openvswitch":
+        return f"LINK {link.name} is an Open vSwitch device, not a Linux bridge: use MODE=openvswitch"
+    if link.kind is None:
+        return f"LINK {link.name} is a plain network interface, not a bridge"
+    return f"LINK {link.name} is a {link.kind} device, not a bridge"
+
+
+def _kind_of(net: Host, index: int) -> str | None:
+    state = net.netlink.by_index(index)
+    return state.kind if state else None
 
 
 @rebuilds("link.attr")
-def rebuild_link_attr(undo: dict[str, Any], nic: Any, net: Netlink) -> SetLink:
+def rebuild_link_attr(undo: dict[str, Any], nic: Any, net: Host) -> SetLink:
     """The value set at plug time; for `master`, the bridge LINK names now (a bridge
     deleted and created again has a new ifindex, and the tap belongs on the new one)."""
     attr, ifname = str(undo["attr"]), str(undo["ifname"])
@@ -190,8 +214,10 @@ def rebuild_link_attr(undo: dict[str, Any], nic: Any, net: Netlink) -> SetLink:
         raise ValueError(f"unknown link attribute {attr!r}")
     if attr == "master":
         link = getattr(nic, "link", None)
-        bridge = net.find(link) if link else None
+        bridge = net.netlink.find(link) if link else None
         if bridge is None:
             raise NetlinkError(19, f"LINK {link}: no such device")
+        if bridge.kind != "bridge":
+            raise PlumbingError(describe_non_bridge(bridge, net))
         return SetLink(ifname, attr, bridge.index, shown=bridge.name)
     return SetLink(ifname, attr, undo["new"])

@@ -9,7 +9,7 @@ journaled so `status` can show them, and never undone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nichooks.engine.journal import Record
 from nichooks.engine.records import checks, rebuilds, undoes
@@ -18,7 +18,6 @@ from nichooks.host.netlink import (
     AF_INET,
     AF_INET6,
     GONE,
-    Routing,
     family_of,
     ignore_gone,
     sysctl_name,
@@ -28,8 +27,11 @@ from nichooks.host.netlink import (
 from nichooks.host.steps.link import require_link
 from nichooks.settings import Settings
 
+if TYPE_CHECKING:
+    from nichooks.host.host import Host
+
 EEXIST = 17
-DEFAULT_PROTO = 241  # NICHOOKS_ROUTE_PROTO's default, for a Routing without settings
+DEFAULT_PROTO = 241  # NICHOOKS_ROUTE_PROTO's default, for a host without settings
 FAMILY_NAME = {AF_INET: "IPv4", AF_INET6: "IPv6"}
 UPSTREAM = "upstream resolves the guest"
 GATEWAY6 = "the guest resolves its IPv6 gateway"
@@ -50,23 +52,23 @@ class Sysctl:
     def as_data(self) -> dict[str, Any]:
         return {"step": "sysctl", "key": sysctl_name(self.key), "value": self.value}
 
-    def prepare(self, net: Routing) -> Record:
+    def prepare(self, net: Host) -> Record:
         state = require_link(net, self.dev)
         return Record(kind=self.kind, step=self.describe(), undo={
             "ifindex": state.index, "dev": self.dev, "key": self.key,
             "old": sysctl_read(self.key), "new": self.value})
 
-    def apply(self, net: Routing) -> None:
+    def apply(self, net: Host) -> None:
         sysctl_write(self.key, self.value)
 
-    def verify(self, net: Routing) -> str | None:
+    def verify(self, net: Host) -> str | None:
         now = sysctl_read(self.key)
         return None if now == self.value else f"{sysctl_name(self.key)} is {now}, expected {self.value}"
 
 
 @undoes("sysctl.dev")
-def undo_sysctl(net: Routing, undo: dict[str, Any]) -> None:
-    state = net.by_index(undo["ifindex"])
+def undo_sysctl(net: Host, undo: dict[str, Any]) -> None:
+    state = net.netlink.by_index(undo["ifindex"])
     if state is None or state.name != undo["dev"] or undo["old"] is None:
         return  # the device is gone, and its sysctls with it
     if sysctl_read(undo["key"]) == undo["new"]:
@@ -77,8 +79,8 @@ def undo_sysctl(net: Routing, undo: dict[str, Any]) -> None:
 
 
 @checks("sysctl.dev")
-def sysctl_present(net: Routing, undo: dict[str, Any]) -> bool:
-    state = net.by_index(undo["ifindex"])
+def sysctl_present(net: Host, undo: dict[str, Any]) -> bool:
+    state = net.netlink.by_index(undo["ifindex"])
     return state is not None and sysctl_read(undo["key"]) == undo["new"]
 
 
@@ -97,25 +99,25 @@ class SharedSysctl:
     def as_data(self) -> dict[str, Any]:
         return {"step": "sysctl.shared", "key": sysctl_name(self.key), "value": self.value}
 
-    def prepare(self, net: Routing) -> Record:
+    def prepare(self, net: Host) -> Record:
         return Record(kind=self.kind, step=self.describe(), undo={
             "key": self.key, "old": sysctl_read(self.key), "new": self.value})
 
-    def apply(self, net: Routing) -> None:
+    def apply(self, net: Host) -> None:
         sysctl_write(self.key, self.value)
 
-    def verify(self, net: Routing) -> str | None:
+    def verify(self, net: Host) -> str | None:
         now = sysctl_read(self.key)
         return None if now == self.value else f"{sysctl_name(self.key)} is {now}, expected {self.value}"
 
 
 @undoes("sysctl.shared")
-def undo_shared_sysctl(net: Routing, undo: dict[str, Any]) -> None:
+def undo_shared_sysctl(net: Host, undo: dict[str, Any]) -> None:
     """Deliberately nothing: shared by every routed NIC on the host."""
 
 
 @checks("sysctl.shared")
-def shared_sysctl_present(net: Routing, undo: dict[str, Any]) -> bool:
+def shared_sysctl_present(net: Host, undo: dict[str, Any]) -> bool:
     return bool(sysctl_read(undo["key"]) == undo["new"])
 
 
@@ -151,31 +153,31 @@ class Rule:
         return {"family": self.family, "iifname": self.iifname, "table": self.table,
                 "priority": self.priority, "proto": self.proto}
 
-    def prepare(self, net: Routing) -> Record:
+    def prepare(self, net: Host) -> Record:
         return Record(kind=self.kind, step=self.describe(), undo=self._undo())
 
-    def apply(self, net: Routing) -> None:
+    def apply(self, net: Host) -> None:
         # Add first, never dump (a rule dump costs ~45 ms per 1000 rules): EEXIST can
         # only mean a rule with our mark, since the kernel compares the protocol.
         try:
-            net.rule_add(self.family, self.iifname, self.table, self.priority, self.proto)
+            net.netlink.rule_add(self.family, self.iifname, self.table, self.priority, self.proto)
         except NetlinkError as exc:
             if exc.code != EEXIST:
                 raise
 
-    def verify(self, net: Routing) -> str | None:
+    def verify(self, net: Host) -> str | None:
         return None if rule_present(net, self._undo()) else f"{self.describe()} is missing"
 
 
 @checks("route.rule")
-def rule_present(net: Routing, undo: dict[str, Any]) -> bool:
+def rule_present(net: Host, undo: dict[str, Any]) -> bool:
     """Whether the guest's traffic is looked up in the table, by whichever rule: an
     operator's identical rule routes it the same way as ours."""
     return any(r["iifname"] == undo["iifname"] and r["table"] == undo["table"]
-               and r["priority"] == undo["priority"] for r in net.rules(undo["family"]))
+               and r["priority"] == undo["priority"] for r in net.netlink.rules(undo["family"]))
 
 
-def rule_proto(net: Routing, undo: dict[str, Any]) -> int:
+def rule_proto(net: Host, undo: dict[str, Any]) -> int:
     """The mark of the rule a record names. Records written before rules were marked
     carry none: they are read as naming a rule with today's mark, so that an unmarked
     rule with their selector (which may well be an operator's; the kernel cannot tell)
@@ -190,14 +192,14 @@ def rule_proto(net: Routing, undo: dict[str, Any]) -> int:
 
 
 @undoes("route.rule", by_tap_name=True)
-def undo_rule(net: Routing, undo: dict[str, Any]) -> None:
+def undo_rule(net: Host, undo: dict[str, Any]) -> None:
     # Rules name the device, so they outlive it: delete by full identity, mark included
     # (the kernel matches the protocol, so an operator's identical rule without our mark
     # is never the one deleted), repeatedly in case an earlier crash left a duplicate.
     proto = rule_proto(net, undo)
     for _ in range(16):
         try:
-            net.rule_del(undo["family"], undo["iifname"], undo["table"], undo["priority"], proto)
+            net.netlink.rule_del(undo["family"], undo["iifname"], undo["table"], undo["priority"], proto)
         except NetlinkError as exc:
             if exc.code in GONE:
                 return
@@ -226,17 +228,17 @@ class HostRoute:
         return {"step": "route", "dst": f"{self.addr}/{self.plen}", "dev": self.tap,
                 "table": self.table, "proto": self.proto}
 
-    def prepare(self, net: Routing) -> Record:
+    def prepare(self, net: Host) -> Record:
         tap = require_link(net, self.tap)
         return Record(kind=self.kind, step=self.describe(), undo={
             "family": self.family, "addr": self.addr, "oif": tap.index, "dev": self.tap,
             "table": self.table, "proto": self.proto})
 
-    def apply(self, net: Routing) -> None:
+    def apply(self, net: Host) -> None:
         # Add first, dump the table only on EEXIST (a dump costs ~50 ms per 1000 routes).
         tap = require_link(net, self.tap)
         try:
-            net.route_add(self.family, self.addr, tap.index, self.table, self.proto)
+            net.netlink.route_add(self.family, self.addr, tap.index, self.table, self.proto)
         except NetlinkError as exc:
             if exc.code != EEXIST:
                 raise
@@ -244,40 +246,40 @@ class HostRoute:
             if owner is not None and owner["oif"] != tap.index:
                 raise PlumbingError(owned_message(net, self.addr, self.table, owner)) from None
 
-    def verify(self, net: Routing) -> str | None:
-        tap = net.find(self.tap)
+    def verify(self, net: Host) -> str | None:
+        tap = net.netlink.find(self.tap)
         owner = route_owner(net, self.family, self.addr, self.table)
         if tap is None or owner is None or owner["oif"] != tap.index:
             return f"{self.describe()} is missing"
         return None
 
 
-def route_owner(net: Routing, family: int, addr: str, table: int) -> dict[str, Any] | None:
+def route_owner(net: Host, family: int, addr: str, table: int) -> dict[str, Any] | None:
     plen = 32 if family == AF_INET else 128
-    for route in net.routes(family, table):
+    for route in net.netlink.routes(family, table):
         if route["dst"] == addr and route["dst_len"] == plen:
             return route
     return None
 
 
-def owned_message(net: Routing, addr: str, table: int, owner: dict[str, Any]) -> str:
-    dev = net.by_index(owner["oif"]) if owner.get("oif") else None
+def owned_message(net: Host, addr: str, table: int, owner: dict[str, Any]) -> str:
+    dev = net.netlink.by_index(owner["oif"]) if owner.get("oif") else None
     where = f"device {dev.name}" if dev else "another device"
     return (f"{addr} is already routed to {where} in table {table} "
             "(another NIC owns this address); nothing was changed")
 
 
 @undoes("route.host")
-def undo_host_route(net: Routing, undo: dict[str, Any]) -> None:
+def undo_host_route(net: Host, undo: dict[str, Any]) -> None:
     owner = route_owner(net, undo["family"], undo["addr"], undo["table"])
     if owner is None or owner["oif"] != undo["oif"] or owner["proto"] != undo["proto"]:
         return  # gone with the tap, or someone else's now
     with ignore_gone():
-        net.route_del(undo["family"], undo["addr"], undo["oif"], undo["table"], undo["proto"])
+        net.netlink.route_del(undo["family"], undo["addr"], undo["oif"], undo["table"], undo["proto"])
 
 
 @checks("route.host")
-def host_route_present(net: Routing, undo: dict[str, Any]) -> bool:
+def host_route_present(net: Host, undo: dict[str, Any]) -> bool:
     owner = route_owner(net, undo["family"], undo["addr"], undo["table"])
     return owner is not None and owner["oif"] == undo["oif"]
 
@@ -299,82 +301,75 @@ class ProxyNeigh:
     def as_data(self) -> dict[str, Any]:
         return {"step": "proxy", "addr": self.addr, "dev": self.dev, "proto": self.proto}
 
-    def prepare(self, net: Routing) -> Record:
+    def prepare(self, net: Host) -> Record:
         dev = require_link(net, self.dev)
-        existing = net.proxy_get(self.addr, dev.index)
+        existing = net.netlink.proxy_get(self.addr, dev.index)
         # An entry someone else made (another proto) stays theirs: undo leaves it.
         foreign = existing is not None and existing["proto"] != self.proto
         return Record(kind=self.kind, step=self.describe(), undo={
             "addr": self.addr, "ifindex": dev.index, "dev": self.dev, "proto": self.proto,
             "foreign": foreign})
 
-    def apply(self, net: Routing) -> None:
+    def apply(self, net: Host) -> None:
         dev = require_link(net, self.dev)
-        if net.proxy_get(self.addr, dev.index) is None:
-            net.proxy_add(self.addr, dev.index, self.proto)
+        if net.netlink.proxy_get(self.addr, dev.index) is None:
+            net.netlink.proxy_add(self.addr, dev.index, self.proto)
 
-    def verify(self, net: Routing) -> str | None:
-        dev = net.find(self.dev)
-        if dev is None or net.proxy_get(self.addr, dev.index) is None:
+    def verify(self, net: Host) -> str | None:
+        dev = net.netlink.find(self.dev)
+        if dev is None or net.netlink.proxy_get(self.addr, dev.index) is None:
             return f"{self.describe()} is missing"
         return None
 
 
 @undoes("route.proxy")
-def undo_proxy(net: Routing, undo: dict[str, Any]) -> None:
+def undo_proxy(net: Host, undo: dict[str, Any]) -> None:
     if undo.get("foreign"):
         return
-    dev = net.by_index(undo["ifindex"])
+    dev = net.netlink.by_index(undo["ifindex"])
     if dev is None:
         return  # the device went, and its proxy entries with it
-    entry = net.proxy_get(undo["addr"], dev.index)
+    entry = net.netlink.proxy_get(undo["addr"], dev.index)
     if entry is None or entry["proto"] != undo["proto"]:
         return
     with ignore_gone():
-        net.proxy_del(undo["addr"], dev.index)
+        net.netlink.proxy_del(undo["addr"], dev.index)
 
 
 @checks("route.proxy")
-def proxy_present(net: Routing, undo: dict[str, Any]) -> bool:
-    dev = net.by_index(undo["ifindex"])
-    return dev is not None and net.proxy_get(undo["addr"], dev.index) is not None
+def proxy_present(net: Host, undo: dict[str, Any]) -> bool:
+    dev = net.netlink.by_index(undo["ifindex"])
+    return dev is not None and net.netlink.proxy_get(undo["addr"], dev.index) is not None
 
 
 # -- rebuilt from their records (repair) -------------------------------------------------
 @rebuilds("sysctl.dev")
-def rebuild_sysctl(undo: dict[str, Any], nic: Any, net: Routing) -> Sysctl:
+def rebuild_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> Sysctl:
     return Sysctl(str(undo["dev"]), str(undo["key"]), str(undo["new"]))
 
 
 @rebuilds("sysctl.shared")
-def rebuild_shared_sysctl(undo: dict[str, Any], nic: Any, net: Routing) -> SharedSysctl:
+def rebuild_shared_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> SharedSysctl:
     return SharedSysctl(str(undo["key"]), str(undo["new"]))
 
 
 @rebuilds("route.rule")
-def rebuild_rule(undo: dict[str, Any], nic: Any, net: Routing) -> Rule:
+def rebuild_rule(undo: dict[str, Any], nic: Any, net: Host) -> Rule:
     return Rule(int(undo["family"]), str(undo["iifname"]), int(undo["table"]),
                 int(undo["priority"]), rule_proto(net, undo))
 
 
 @rebuilds("route.host")
-def rebuild_host_route(undo: dict[str, Any], nic: Any, net: Routing) -> HostRoute:
+def rebuild_host_route(undo: dict[str, Any], nic: Any, net: Host) -> HostRoute:
     return HostRoute(int(undo["family"]), str(undo["addr"]), str(undo["dev"]),
                      int(undo["table"]), int(undo["proto"]))
 
 
 @rebuilds("route.proxy")
-def rebuild_proxy(undo: dict[str, Any], nic: Any, net: Routing) -> ProxyNeigh | None:
+def rebuild_proxy(undo: dict[str, Any], nic: Any, net: Host) -> ProxyNeigh | None:
     if undo.get("foreign"):
         return None  # someone else's entry: not ours to put back
     dev = str(undo["dev"])
     return ProxyNeigh(str(undo["addr"]), dev, int(undo["proto"]),
                       GATEWAY6 if dev == getattr(nic, "tap", None) else UPSTREAM)
 
-
-def uplink_entries(records: list[Record], tap: str) -> list[tuple[str, str]]:
-    """(uplink, address) of every proxy entry a routed plug made on an uplink, i.e. on
-    another device than its tap: what is announced after switchover, and the uplinks
-    the agent watches."""
-    return [(str(r.undo.get("dev")), str(r.undo.get("addr"))) for r in records
-            if r.kind == "route.proxy" and r.undo.get("dev") != tap]
