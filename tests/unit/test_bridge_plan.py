@@ -23,13 +23,18 @@ from nichooks.modes.registry import nic_from_variables
 
 
 class FakeNet:
-    """Just enough of Netlink for bridged plans, with the kernel's VLAN rules."""
+    """Just enough of a host (its `netlink` driver is itself) for bridged plans, with
+    the kernel's VLAN rules."""
 
     def __init__(self, filtering: bool = True) -> None:
         self.links: dict[int, LinkState] = {}
         self.vlans: dict[int, dict[int, set[str]]] = {}
         self.filtering = filtering
         self.calls: list[tuple[Any, ...]] = []
+
+    @property
+    def netlink(self) -> FakeNet:
+        return self
 
     def add(self, index: int, name: str, kind: str | None, **kw: Any) -> None:
         base = dict(index=index, name=name, kind=kind, slave_kind=None, mac=f"02:00:00:00:00:{index:02x}",
