@@ -33,7 +33,8 @@ from nichooks.trust import make_dirs
 
 MANIFEST = Path("var/lib/nichooks/installed.json")
 BACKUP_SUFFIX = ".nichooks-backup"
-MODES = ("bridged", "openvswitch", "routed")
+# Ganeti 3.2 looks for network/<mode>/{up,down} for these of its own NIC modes.
+GANETI_NETWORK_MODES = ("bridged", "openvswitch", "routed")
 DIR_MODE = 0o755        # directories we create: readable by all, writable by root only
 WRAPPER_MODE = 0o755
 MANIFEST_MODE = 0o644
@@ -47,7 +48,7 @@ GANETI_TARGETS = [
     ("ganeti", "etc/ganeti/kvm-ifup-custom", "kvm-ifup"),    # the ifdown patch (GRNET)
     ("ganeti", "etc/ganeti/kvm-ifdown-custom", "kvm-ifdown"),
 ] + [("ganeti", f"etc/ganeti/network/{mode}/{action}", entry)   # 3.2's per-mode layout
-     for mode in MODES for action, entry in (("up", "kvm-ifup"), ("down", "kvm-ifdown"))]
+     for mode in GANETI_NETWORK_MODES for action, entry in (("up", "kvm-ifup"), ("down", "kvm-ifdown"))]
 XEN_DEFAULT = "etc/xen/scripts/vif-custom"                      # exec'd by stock vif-ganeti
 
 Record = dict[str, str | None]

@@ -74,7 +74,7 @@ class Record:
                 or not isinstance(data.get("error"), (str, type(None))):
             raise CorruptJournal(f"bad record {data!r:.80}")
         return cls(kind=data["kind"], undo=data["undo"], step=str(data.get("step", "")),
-                   status=str(data.get("status", "pending")), error=data.get("error"))
+                   status=str(data.get("status", Status.PENDING)), error=data.get("error"))
 
 
 @dataclass

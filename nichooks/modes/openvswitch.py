@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from nichooks.engine.journal import Status
 from nichooks.engine.plan import Plan
 from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
@@ -161,7 +162,7 @@ class OpenVswitch(Mode):
 
 def _missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, set[int]]) -> bool:
     for record in journal.records:
-        if record.status == "failed":
+        if record.status == Status.FAILED:
             continue
         undo = record.undo
         if record.kind == "ovs.port" and (undo.get("port"), undo.get("owner")) not in ports:
