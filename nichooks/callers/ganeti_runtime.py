@@ -1,16 +1,15 @@
 """Ganeti's KVM runtime files: which NIC a tap belongs to, when nobody says.
 
-Released Ganeti never calls an ifdown (contract §1), and QEMU's ``downscript``, a
+Released Ganeti never calls an ifdown, and QEMU's ``downscript``, a
 sweep or an administrator name only a tap. To find out what that tap was, we read
-what Ganeti's KVM hypervisor leaves under ``$GANETI_RUN_DIR/kvm-hypervisor/``
-(contract §5.3):
+what Ganeti's KVM hypervisor leaves under ``$GANETI_RUN_DIR/kvm-hypervisor/``:
 
 * ``nic/<instance>/<seq>``: the tap name, no newline, written after QEMU started
   (all NICs, in runtime order) and after each NIC hot-add or hot-modify;
 * ``conf/<instance>.runtime``: JSON ``[kvm_cmd, nics, hvparams, disks]`` (three
   items before Ganeti 2.16), ``nics`` being ``objects.NIC.ToDict()`` dicts.
 
-The two are joined by position, and positions drift (contract §5.3): a
+The two are joined by position, and positions drift: a
 hot-remove deletes file ``<config index>`` and the NIC's runtime entry, but later
 files keep their numbers, so from then on config indices and file numbers
 disagree and the next hot-remove deletes *another* NIC's file; a hot-modify
@@ -92,7 +91,7 @@ def nic_env_for_tap(
 ) -> dict[str, str] | None:
     """The environment Ganeti passed to ``kvm-ifup`` for the NIC on ``tap``.
 
-    Keys as in contract §3: INSTANCE MAC MODE INTERFACE INTERFACE_INDEX
+    Keys as Ganeti exports them: INSTANCE MAC MODE INTERFACE INTERFACE_INDEX
     INTERFACE_UUID, and IP INTERFACE_NAME LINK VLAN BRIDGE NETWORK_* where Ganeti
     sets them. Not TAGS (the instance's tags are not in the runtime file) nor
     PATH. INTERFACE_INDEX is the ``<seq>`` Ganeti used for the plug; it is left

@@ -8,7 +8,7 @@ mutate it), so a plug costs the same on a switch with 2000 ports as on an empty 
 
 Every wait has a deadline: an ovsdb-server that accepts the connection and then
 says nothing, or an ovs-vswitchd that never applies a change, is a clear error
-after `timeout` seconds, never a hung hook (DESIGN §4: Ganeti waits forever).
+after `timeout` seconds, never a hung hook (Ganeti waits for a hook forever).
 
 Reads of the whole switch (a sweep, an audit) would defeat the conditional monitor,
 so they are not done here but over plain JSON-RPC, in ovsdb_view.py.

@@ -3,7 +3,7 @@
 ovsdb-server and ovs-vswitchd run with their own run/db/log directory. ovs-vswitchd
 runs *inside* the host namespace: with the userspace (netdev) datapath it opens the
 ports' devices and creates its own taps in the namespace it runs in, so nothing
-appears in the machine's root namespace (DESIGN §5). Both are stopped by pid.
+appears in the machine's root namespace. Both are stopped by pid.
 
 Everything a test observes goes through ovs-vsctl / ovs-ofctl / ovs-appctl, never
 through nichooks' own OVSDB code.

@@ -53,7 +53,7 @@ GUEST6 = eui64(SUBNET6, GUEST_MAC)   # 2001:db8:100:0:a800:ff:fe11:2233
 OTHER6 = eui64(SUBNET6, OTHER_MAC)
 assert GUEST6 == "2001:db8:100:0:a800:ff:fe11:2233"
 
-# Sysctls a routed host needs (DESIGN §3) and the values a ready host has.
+# Sysctls a routed host needs and the values a ready host has.
 GLOBAL_READY = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 
 

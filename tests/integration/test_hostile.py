@@ -1247,7 +1247,7 @@ def _site(mode: str, build: Callable[[Netns, Path], Switch | None]) -> Iterator[
 
 def _build_bridged(ns: Netns, root: Path) -> None:
     """br0 (MTU 1400, up, an address), brv (MTU 9000, up, VLAN filtering where the kernel
-    has it: this one's has not, DESIGN §5), br1 (MTU 576, down); the veth tap0 (peer
+    has it: this one's has not), br1 (MTU 576, down); the veth tap0 (peer
     tap0p, up); up0, a plain device. Bridges get fixed MACs: one without takes its
     lowest port's, and falls back when the port leaves."""
     for name, mac, mtu in (("br0", "02:00:00:00:00:01", "1400"), ("brv", "02:00:00:00:00:03", "9000"),

@@ -82,7 +82,7 @@ class Dom0:
         return link["address"], link["mtu"], "UP" in link["flags"], link.get("master")
 
 
-# Exactly as hv_xen.py's _WriteNICInfoFile writes it (contract §6.3).
+# Exactly as hv_xen.py's _WriteNICInfoFile writes it.
 NIC_FILE = f"""TAGS="web\\ prod"
 NETWORK_NAME="net1"
 MAC={MAC}

@@ -1,6 +1,6 @@
 """Bridged plans as data, and the VLAN-filtering path this kernel cannot run.
 
-The kernel here refuses `vlan_filtering 1` (DESIGN §5), so the VLAN steps are
+The kernel here refuses `vlan_filtering 1`, so the VLAN steps are
 proven against a small in-memory bridge that keeps VLAN entries as the kernel does:
 a port joins with its bridge's default PVID 1 untagged, entries are added and
 deleted by vid. The refusal path is also proven on the real kernel

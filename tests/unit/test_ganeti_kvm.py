@@ -377,7 +377,7 @@ def test_hot_add_after_removing_the_last(kvm: GanetiKvm) -> None:
 
 
 def test_overwriting_hot_add_gives_no_answer_rather_than_a_wrong_one(kvm: GanetiKvm) -> None:
-    """Contract §5.3's drift: the hot-add writes ``<len(NICs)>``, the file of a
+    """Ganeti's runtime-file drift: the hot-add writes ``<len(NICs)>``, the file of a
     running NIC. After one more hot-remove, ``nics[seq]`` names the wrong NIC."""
     kvm.start([make_nic(0), make_nic(1), make_nic(2), make_nic(3)])
     kvm.hot_del(1)  # files 0 2 3, runtime 0 2 3
@@ -470,7 +470,7 @@ def test_right_nic_without_ambiguous_drift(
 ) -> None:
     """Hot-adds, hot-modifies, hard reboots and hot-removes of the last NIC:
     while the instance runs, every tap gets its own NIC. With one hot-remove
-    anywhere (the drift of contract §5.3), some taps may get no answer but none
+    anywhere (the runtime-file drift), some taps may get no answer but none
     a wrong one. Stale files always get None; after a stop, no answer is wrong."""
     kvm = GanetiKvm(tmp_path / f"h{len(list(tmp_path.iterdir()))}")
     kvm.start([make_nic(n) for n in range(initial)], same_tick=same_tick)

@@ -14,7 +14,7 @@ UUID = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 
 def ganeti_env(**overrides: str | None) -> dict[str, str]:
-    """What Ganeti 3.0 passes for a NIC in a network (contract §3)."""
+    """What Ganeti 3.0 passes for a NIC in a network."""
     env = {
         "PATH": "/usr/bin:/sbin:/usr/sbin", "INSTANCE": "web1.example.org",
         "MAC": "aa:00:00:12:34:56", "MODE": "bridged", "INTERFACE": "tap3",

@@ -1,4 +1,4 @@
-"""Ganeti VLAN syntax: every shape of contract §4 and the gnt-instance man page."""
+"""Ganeti VLAN syntax: every shape Ganeti documents (the gnt-instance man page)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nichooks.model.vlan import MAX_TEXT_LEN, VlanSpec, parse_vlan
 
 # (text, access, trunks, ovs_vlan_mode, canonical)
 VALID = [
-    # contract §4 table
+    # the shapes Ganeti documents
     ("", None, None, None, None),
     (".100", 100, (), "access", ".100"),
     ("100", 100, (), "access", ".100"),  # create normalises it to .100; modify does not
