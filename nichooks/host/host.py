@@ -26,6 +26,11 @@ class Host:
         self.netlink = Netlink()
         self._ovsdb: Ovsdb | None = None
 
+    def open(self) -> None:
+        """Import pyroute2 and open the rtnetlink socket now (~100 ms): a hook does it
+        before taking the NIC's locks, not while holding them."""
+        self.netlink.ipr  # noqa: B018
+
     def ovsdb(self) -> Ovsdb:
         if self._ovsdb is None:
             from nichooks.host.ovsdb import Ovsdb

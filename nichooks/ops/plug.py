@@ -38,7 +38,7 @@ def ifup(settings: Settings, nic: Nic, *, env: Mapping[str, str], context: str |
     mode = registry.get(nic.mode)
     net = Host(settings)
     try:
-        net.netlink.ipr  # noqa: B018  pyroute2's import and socket before the lock, not while holding it
+        net.open()  # pyroute2's import and socket before the lock, not while holding it
         with ExitStack() as stack:
             lock_nic(stack, store, nic.key, nic.tap, settings.lock_timeout, nic.label())
             # Preflight before converging: a refused ifup must leave an earlier plug
