@@ -117,19 +117,19 @@ def _verify(args: argparse.Namespace) -> int:
         keys = select(store, args.nic)
         for key in keys:
             with locked(store, key, settings.lock_timeout):
-                journal = txn.load(store, key, log, move_aside=args.repair)
+                journal = txn.load(store, key, log, move_aside=False)  # the sweep's job
                 if isinstance(journal, txn.Unreadable):
                     drifted += 1
-                    print(single_line(f"DRIFT {key}: {journal.line()}"))
+                    print(single_line(f"DRIFT {key}: unreadable journal: {journal.cause}"))
                     continue
                 if journal is None:
                     continue
-                found = drift(net, journal)
+                found = drift(net, settings, journal)
                 if found and args.repair:
-                    for action in repair(store, net, key, log):
+                    for action in repair(store, net, settings, key, log):
                         print(single_line(f"  {action.line()}"))
                     journal = store.load(key) or journal
-                    found = drift(net, journal)
+                    found = drift(net, settings, journal)
             if found:
                 drifted += 1
                 print(single_line(f"DRIFT {label(journal)}"))

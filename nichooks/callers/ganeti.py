@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,15 +83,14 @@ def kvm_ifup(argv: Sequence[str], env: Mapping[str, str]) -> int:
 
 
 def nic_for_ifup(env: Mapping[str, str], tap_arg: str | None,
-                 specs_dir: Path, device: str = "") -> tuple[Nic, list[str]]:
+                 specs_dir: Path) -> tuple[Nic, list[str]]:
     """(the NIC, names a spec file set that are not Ganeti's and were ignored): from the
     environment when MODE is set (Ganeti), else from the spec file for the tap (plain
     QEMU `script=`)."""
     from nichooks.modes.registry import nic_from_variables
 
     if env.get("MODE"):
-        nic = nic_from_variables(env, tap=tap_arg)
-        return (replace(nic, device=device) if device else nic), []
+        return nic_from_variables(env, tap=tap_arg), []
     interface = env.get("INTERFACE")
     if interface:
         tap = validate.ifname("INTERFACE", interface)

@@ -106,6 +106,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     from nichooks import settings as settingsmod
     from nichooks.callers import xen
     from nichooks.callers.ganeti import unplug
+    from nichooks.engine.store import Store
     from nichooks.guard import print_warnings
     from nichooks.model import nic as nicmod
     from nichooks.modes.registry import nic_from_variables
@@ -155,6 +156,7 @@ def _dispatch(argv: Sequence[str], env: dict[str, str], verbose: bool) -> int:
     variables.setdefault("INTERFACE_INDEX", str(devid))
     if incoming:
         variables.setdefault("MIGRATION_PHASE", "pre")
+    Store(settings.state_dir).check()  # before the NIC is validated, as for kvm-ifup
     nic = nic_from_variables(variables, tap=dev)
     if type_if == "tap":
         nic = replace(nic, device=EMU)  # its own journal key: neither plug undoes the other

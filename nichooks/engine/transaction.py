@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 # -- reading a journal: one policy for one that cannot be read ---------------------------
 @dataclass
 class Unreadable:
-    """A journal file that is not one we wrote. Under the NIC's lock it is moved aside
-    to corrupt/ (kept for an operator, no longer blocking the NIC) and nothing is undone
-    from it: a journal we cannot read is not proof of what exists."""
+    """A journal file that is not one we wrote. Nothing is undone from it (a journal we
+    cannot read is not proof of what exists); whoever acts on the NIC under its lock
+    (ifup, ifdown, the sweep) moves it aside to corrupt/, kept for an operator and no
+    longer blocking the NIC; a reader (verify, announce, a repair) leaves it there."""
 
     key: str
     cause: str
@@ -38,14 +39,19 @@ class Unreadable:
         return f"unreadable journal ({self.cause}); {where}"
 
 
-def load(store: Store, key: str, log: HookLog, *, move_aside: bool = True) -> Journal | Unreadable | None:
+def load(store: Store, key: str, log: HookLog, *, move_aside: bool = True,
+         event: str = "journal") -> Journal | Unreadable | None:
     """The NIC's journal, None if there is none, Unreadable if it is corrupt. The caller
-    holds the NIC's locks."""
+    holds the NIC's locks. `move_aside`: whether this caller acts on the NIC (ifup,
+    ifdown, a sweep) rather than only reading it (verify, announce, the agent's
+    repair, which leave it to the next sweep)."""
     try:
         return store.load(key)
     except CorruptJournal as exc:
-        moved = str(store.quarantine(key)) if move_aside else None
-        log.error("journal", journal=key, result="corrupt", cause=str(exc), moved_to=moved)
+        if not move_aside:
+            return Unreadable(key, str(exc), None)
+        moved = str(store.quarantine(key))
+        log.error(event, journal=key, result="corrupt", cause=str(exc), moved_to=moved)
         return Unreadable(key, str(exc), moved)
 
 
@@ -67,11 +73,13 @@ def undo_records(net: Any, records: list[Record], log: HookLog) -> list[Record]:
     return failed
 
 
-def keep_only(store: Store, journal: Journal, remaining: list[Record], log: HookLog) -> None:
+def keep_only(store: Store, journal: Journal, remaining: list[Record], log: HookLog, *,
+              must_save: bool = False) -> None:
     """After an undo: keep the journal for the records still to retry (`undo-failed`),
     or forget the NIC when none is left. A journal that cannot be saved is logged: the
     complete one on disk names every record still listed (and some already undone,
-    whose undo is idempotent), so nothing is lost, only retried."""
+    whose undo is idempotent), so nothing is lost, only retried. `must_save`: raise
+    instead (an ifup converging must not go on over a journal it could not write)."""
     journal.records = remaining
     if not remaining:
         store.forget(journal.key, journal.tap)
@@ -80,6 +88,8 @@ def keep_only(store: Store, journal: Journal, remaining: list[Record], log: Hook
     try:
         store.save(journal)
     except JournalWriteError as exc:
+        if must_save:
+            raise
         log.error("journal", result="not saved", cause=exc.cause)
 
 

@@ -3,9 +3,9 @@
 Every source (Ganeti's environment, a spec file, Ganeti's runtime files, a Xen NIC
 file) is first turned into the variables Ganeti would have exported, and this module
 is the only place that interprets them: one parser, one set of error messages,
-whatever the caller. What LINK and VLAN mean depends on the mode: each mode's
-`validate` (modes/) applies its rules to the NIC built here, and
-modes.registry.nic_from_variables does both.
+whatever the caller. What LINK and VLAN mean depends on the mode: the mode's rules
+(modes/base.Mode, passed in by modes.registry.nic_from_variables) are applied where
+LINK and VLAN are read, so errors are reported in one fixed order whatever the mode.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from nichooks.errors import InvalidInput
 from nichooks.model import validate
@@ -93,6 +94,17 @@ class Nic:
         return f"{self.instance} {self.tap} ({self.uuid})"
 
 
+class LinkRules(Protocol):
+    """What a mode says about LINK and VLAN (modes/base.Mode implements it)."""
+
+    @property
+    def vlans(self) -> bool:
+        """Whether VLAN means anything in the mode."""
+
+    def link(self, link: str | None, bridge: str | None) -> str | None:
+        """LINK as the mode reads it (BRIDGE: Ganeti 2.4's name for it), or InvalidInput."""
+
+
 def derive_uuid(instance: str, mac: str) -> str:
     return str(uuidlib.uuid5(KEY_NAMESPACE, f"{instance}\n{mac}"))
 
@@ -103,10 +115,11 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value if value else None
 
 
-def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
-    """Build and validate a NIC, all but the mode's own LINK and VLAN rules. `tap`
-    (argv[1]) is used only when INTERFACE is unset: when INTERFACE is set it is
-    authoritative."""
+def from_variables(env: Mapping[str, str], *, tap: str | None = None,
+                   rules: LinkRules | None = None) -> Nic:
+    """Build and validate a NIC. `rules`: the mode's LINK and VLAN rules (without them
+    LINK is only checked as text). `tap` (argv[1]) is used only when INTERFACE is unset:
+    when INTERFACE is set it is authoritative."""
     mode = _get(env, "MODE")
     if mode is None:
         raise InvalidInput("MODE", "is not set")
@@ -141,12 +154,16 @@ def from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
     bridge = _get(env, "BRIDGE")
     if bridge is not None:
         validate.ifname("BRIDGE", bridge)
-    if link is not None:
+    if rules is not None:
+        link = rules.link(link, bridge)
+    elif link is not None:
         # Whatever the mode makes of it, LINK reaches scripts, the journal and log lines:
         # no control characters (a newline would forge a line), bounded length.
         link = validate.free_text("LINK", link)
 
     vlan = parse_vlan(env.get("VLAN", ""), "VLAN")
+    if vlan is not None and rules is not None and not rules.vlans:
+        raise InvalidInput("VLAN", f"{env['VLAN']!r} makes no sense in {mode} mode")
 
     name = _get(env, "INTERFACE_NAME")
     phase = _get(env, "MIGRATION_PHASE")
@@ -226,14 +243,3 @@ def _with_variables(nic: Nic, env: Mapping[str, str]) -> Nic:
     object.__setattr__(nic, "variables", out)
     return nic
 
-
-def with_link(nic: Nic, link: str | None) -> Nic:
-    """The NIC with LINK as its mode reads it (a table number, a bridge named by BRIDGE)."""
-    if link == nic.link:
-        return nic
-    variables = dict(nic.variables)
-    if link is None:
-        variables.pop("LINK", None)
-    else:
-        variables["LINK"] = link
-    return replace(nic, link=link, variables=variables)

@@ -1,7 +1,7 @@
 """The Mode interface: everything the engine, the operations and the agent need to
 know about one way of plugging a NIC, in one place per mode.
 
-A mode validates the NIC's LINK and VLAN, plans the plug, does what comes after the
+A mode reads the NIC's LINK and VLAN, plans the plug, does what comes after the
 commit, and tells the agent and the sweep what to look at. Records it writes are
 undone, checked and rebuilt through engine/records.py, by kind. Everything here has a
 default that means "nothing to do", so a mode implements only what it has.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from nichooks.errors import InvalidInput, PlumbingError
 from nichooks.model import validate
-from nichooks.model.nic import Nic, with_link
+from nichooks.model.nic import Nic
 
 if TYPE_CHECKING:
     from nichooks.engine.actions import Action
@@ -31,16 +31,15 @@ class Mode:
     needs_link: ClassVar[bool] = False  # LINK names what to plug into
     vlans: ClassVar[bool] = True        # VLAN means something in this mode
 
-    # -- the NIC ------------------------------------------------------------------------
-    def validate(self, nic: Nic) -> Nic:
-        """The mode's LINK and VLAN rules, applied to a NIC model.nic has parsed."""
-        link = self.check_link(nic.link) if nic.link is not None else None
-        if link is None and self.needs_link:
-            raise InvalidInput("LINK", f"is not set; {self.name} mode needs the bridge to plug into")
-        if nic.vlan is not None and not self.vlans:
-            raise InvalidInput("VLAN", f"{nic.variables.get('VLAN', '')!r} makes no sense in "
-                               f"{self.name} mode")
-        return with_link(nic, link)
+    # -- the NIC (model.nic.LinkRules) --------------------------------------------------
+    def link(self, link: str | None, bridge: str | None) -> str | None:
+        """LINK as this mode reads it; required where the mode plugs into something."""
+        if link is None:
+            if self.needs_link:
+                raise InvalidInput("LINK", f"is not set; {self.name} mode needs the bridge "
+                                   "to plug into")
+            return None
+        return self.check_link(link)
 
     def check_link(self, link: str) -> str:
         """LINK, normalised (by default: the name of a device to plug into)."""
@@ -57,8 +56,8 @@ class Mode:
     def held_back(self, journal: Journal, settings: Settings) -> list[Step]:
         """`nichooks announce`: the steps a plug on a migration target held back until
         switchover (routed: the uplink proxy entries)."""
-        raise PlumbingError(f"not a routed NIC ({self.name} mode has no switchover)",
-                            nic=journal.tap, step="announce")
+        raise PlumbingError("not a routed NIC journaled by nichooks", nic=journal.tap,
+                            step="announce")
 
     def after_switchover(self, journal: Journal, settings: Settings, log: HookLog) -> None:
         """What follows the held-back steps (routed: announce every address)."""

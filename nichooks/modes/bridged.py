@@ -16,7 +16,7 @@ from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
 from nichooks.host.netlink import LinkState
 from nichooks.host.steps.link import BridgeVlans, SetLink, describe_non_bridge
-from nichooks.model.nic import Nic, with_link
+from nichooks.model.nic import Nic
 from nichooks.modes.base import Mode
 
 if TYPE_CHECKING:
@@ -66,10 +66,8 @@ class Bridged(Mode):
     name = "bridged"
     needs_link = True
 
-    def validate(self, nic: Nic) -> Nic:
-        if nic.link is None and nic.variables.get("BRIDGE"):
-            nic = with_link(nic, nic.variables["BRIDGE"])  # Ganeti 2.4: BRIDGE before LINK
-        return super().validate(nic)
+    def link(self, link: str | None, bridge: str | None) -> str | None:
+        return super().link(link or bridge, None)  # Ganeti 2.4 exported BRIDGE before LINK
 
     def plan(self, nic: Nic, net: Host, settings: Settings) -> Plan:
         return plan(nic, net)

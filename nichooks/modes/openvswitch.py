@@ -123,8 +123,10 @@ def rebuild_port(undo: dict[str, Any], nic: Nic, net: Host) -> OvsPort:
 
 @rebuilds("ovs.flows")
 def rebuild_flows(undo: dict[str, Any], nic: Nic, net: Host) -> OvsFlows | None:
-    if net.settings.ovs_antispoof == "off":
-        return None
+    bridge = net.ovsdb().bridge(str(undo["bridge"]))
+    if net.settings.ovs_antispoof == "off" or (
+            bridge is not None and flows_withheld(net.settings, bridge) is not None):
+        return None  # the plug's own rule: no flows where a controller filters
     step = flows(nic, str(undo["bridge"]), net.settings)
     return step if step.cookie == int(undo["cookie"]) else None
 

@@ -35,5 +35,4 @@ def nic_from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic
         raise InvalidInput("MODE", "is not set (one of: " + ", ".join(MODES) + ")")
     if raw not in MODES:
         raise InvalidInput("MODE", f"{raw!r} is not one of: " + ", ".join(MODES))
-    nic = from_variables(env, tap=tap)
-    return MODES[nic.mode].validate(nic)
+    return from_variables(env, tap=tap, rules=MODES[raw])

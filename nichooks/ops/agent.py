@@ -192,7 +192,7 @@ class Agent:
         self.net.drop_ovsdb()
         try:
             with locked(self.store, key, 0.05):
-                actions = repair(self.store, self.net, key, log, quick=True)
+                actions = repair(self.store, self.net, self.settings, key, log, quick=True)
         except LockTimeout:
             # A hook (or verify, or a sweep) has the NIC: look again shortly, the drift
             # may have happened after that hook's own read-back.

@@ -86,7 +86,7 @@ def converge(store: Store, net: Host, nic: Nic, log: HookLog) -> tuple[bool, lis
     if owner and owner != nic.key:
         keys.append(owner)
     for key in keys:
-        journal = txn.load(store, key, log)
+        journal = txn.load(store, key, log, event="converge")
         if not isinstance(journal, Journal):
             store.release_tap(nic.tap, key)
             continue
@@ -98,7 +98,7 @@ def converge(store: Store, net: Host, nic: Nic, log: HookLog) -> tuple[bool, lis
             carried = failed
             store.delete(key)  # the new journal, written next, carries what failed
         else:
-            txn.keep_only(store, journal, failed, log)
+            txn.keep_only(store, journal, failed, log, must_save=True)
     return undone, carried
 
 
@@ -115,14 +115,12 @@ def switchover(settings: Settings, tap: str, *, verbose: bool = False) -> None:
     try:
         with ExitStack() as stack:
             lock_nic(stack, store, key, tap, settings.lock_timeout, tap)
-            journal = txn.load(store, key, log)
+            journal = txn.load(store, key, log, move_aside=False)
             if isinstance(journal, txn.Unreadable):
                 raise PlumbingError(f"journal {key} is unreadable: {journal.cause}", nic=tap)
-            if journal is None:
-                raise PlumbingError("no NIC journaled by nichooks", nic=tap, step="announce")
-            mode = registry.MODES.get(journal.mode)
-            if mode is None:
-                raise PlumbingError(f"journal of an unknown mode {journal.mode!r}", nic=tap,
+            mode = registry.MODES.get(journal.mode) if journal is not None else None
+            if journal is None or mode is None:
+                raise PlumbingError("not a routed NIC journaled by nichooks", nic=tap,
                                     step="announce")
             steps = mode.held_back(journal, settings)
             label = f"{journal.instance} {tap} ({key})"

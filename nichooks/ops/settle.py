@@ -74,7 +74,7 @@ def settle(store: Store, net: Host, key: str, log: HookLog, *, dry_run: bool = F
       plug claims the same thing again.
     `only_index`: the agent's case, act only if the journal's plug was on that ifindex.
     """
-    journal = txn.load(store, key, log, move_aside=not dry_run)
+    journal = txn.load(store, key, log, move_aside=not dry_run, event="sweep")
     if isinstance(journal, txn.Unreadable):
         return [Action(key, "corrupt", journal.line(), ok=False)], None
     if journal is None:

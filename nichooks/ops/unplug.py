@@ -58,9 +58,10 @@ def undo_journal(store: Store, net: Host, key: str, log: HookLog,
     ran already). With `tap`, only a journal of a plug on that tap: the key was found
     before the lock was ours, and the NIC may have been re-plugged on another tap
     meanwhile (a hot-modify), whose plug this late ifdown must not undo."""
-    journal = txn.load(store, key, log)
+    journal = txn.load(store, key, log, event="ifdown")
     if isinstance(journal, txn.Unreadable):
-        return [f"journal {key}: {journal.line()}, nothing undone"], None
+        return [f"journal {key} is unreadable ({journal.cause}); moved to {journal.moved_to}, "
+                "nothing undone"], None
     if journal is None:
         return [], None
     if tap is not None and journal.tap != tap:

@@ -12,12 +12,14 @@ from nichooks.engine.actions import Action
 from nichooks.engine.journal import Journal, Record, State, Status
 from nichooks.engine.records import Step
 from nichooks.engine.store import Store
-from nichooks.errors import InvalidInput, PlumbingError, cause
+from nichooks.errors import InvalidInput, NicHooksError, PlumbingError, cause
 from nichooks.host.host import Host
 from nichooks.log import HookLog
 from nichooks.model import validate
+from nichooks.model.nic import Nic
 from nichooks.modes import registry
 from nichooks.ops.settle import GONE, PRESENT_DEVICE, RENAMED, device_state
+from nichooks.settings import Settings
 
 
 @dataclass
@@ -41,26 +43,56 @@ def check_records(net: Host, journal: Journal) -> list[Check]:
 def all_present(net: Host, journal: Journal) -> bool:
     """Every record's effect still in place, by the cheap per-record checks: what the
     agent asks first, on every event that might matter."""
-    return all(c.present is not False and c.error is None for c in check_records(net, journal))
+    return all(c.present is not False and c.error is None for c in check_records(net, journal)
+               if c.record.status != Status.FAILED)
 
 
-def rebuilt_steps(net: Host, journal: Journal) -> list[tuple[int, Step]]:
-    """(record index, the step that wrote it) for every applied record with something
-    to re-apply. The steps take what their records do not carry (a VLAN, the guest's
-    addresses) from the NIC the journal's variables describe."""
+def journaled_nic(journal: Journal) -> Nic:
+    """The NIC the journal's variables describe: what steps rebuilt from records take
+    when a record does not carry it (a VLAN, the guest's addresses)."""
     variables = {**journal.variables, "INTERFACE": journal.tap}
     nic = registry.nic_from_variables(variables, tap=journal.tap)
     if journal.key != nic.key and journal.key.startswith(nic.uuid + "-"):
         nic = replace(nic, device=journal.key[len(nic.uuid) + 1:])
+    return nic
+
+
+def preflight(net: Host, settings: Settings, journal: Journal, nic: Nic) -> str | None:
+    """What keeps the NIC's mode from planning it on this host now (a bridge replaced by
+    another kind of device, a host-wide sysctl reset that the operator manages), or
+    None: the host's side of the plug that no record stands for."""
+    try:
+        registry.get(journal.mode).plan(nic, net, settings)
+    except NicHooksError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class Rebuilt:
+    index: int               # of the record in the journal
+    step: Step | None        # None: nothing to re-apply (or it could not be rebuilt)
+    error: str | None = None
+
+
+def rebuilt_steps(net: Host, journal: Journal, nic: Nic) -> list[Rebuilt]:
+    """For every applied record, the step that wrote it, each on its own: a record that
+    cannot be rebuilt does not keep the others from being checked and re-applied."""
     out = []
     for index, record in enumerate(journal.records):
-        step = kinds.rebuild(record, nic, net)
+        if record.status == Status.FAILED:
+            continue
+        try:
+            step = kinds.rebuild(record, nic, net)
+        except Exception as exc:
+            out.append(Rebuilt(index, None, f"cannot rebuild {record.step}: {cause(exc)}"))
+            continue
         if step is not None:
-            out.append((index, step))
+            out.append(Rebuilt(index, step))
     return out
 
 
-def drift(net: Host, journal: Journal) -> list[str]:
+def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
     """What differs between the journal and the host, one line each (empty: none)."""
     found: list[str] = []
     if journal.state == State.APPLYING:
@@ -82,23 +114,27 @@ def drift(net: Host, journal: Journal) -> list[str]:
     if found or journal.state != State.APPLIED:
         return found
     try:
-        steps = rebuilt_steps(net, journal)
-    except Exception as exc:
-        return [f"cannot rebuild the steps to compare: {cause(exc)}"]
-    for _index, step in steps:
-        mismatch = txn.read_back(step, net)
+        nic = journaled_nic(journal)
+    except NicHooksError as exc:
+        return [f"cannot rebuild the plan to compare: {exc}"]
+    problem = preflight(net, settings, journal, nic)
+    if problem:
+        return [f"cannot rebuild the plan to compare: {problem}"]
+    for rebuilt in rebuilt_steps(net, journal, nic):
+        mismatch = rebuilt.error or (txn.read_back(rebuilt.step, net) if rebuilt.step else None)
         if mismatch:
-            found.append(f"{step.describe()}: {mismatch}")
+            what = rebuilt.step.describe() if rebuilt.step else journal.records[rebuilt.index].step
+            found.append(f"{what}: {mismatch}")
     return found
 
 
-def repair(store: Store, net: Host, key: str, log: HookLog, *,
+def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, *,
            quick: bool = False) -> list[Action]:
     """Re-apply every applied step that no longer reads back, rebuilt from its record;
     the caller holds the NIC's locks. The new record replaces the old one, keeping the
     value from before nichooks first touched it. `quick`: look no further when every
-    record's own check passes."""
-    journal = txn.load(store, key, log)
+    record's own check passes. A journal that cannot be read is left to the sweep."""
+    journal = txn.load(store, key, log, move_aside=False)
     if not isinstance(journal, Journal) or journal.state != State.APPLIED \
             or device_state(net, journal) != PRESENT_DEVICE:
         return []
@@ -107,18 +143,27 @@ def repair(store: Store, net: Host, key: str, log: HookLog, *,
     name = f"{journal.instance or '-'} {journal.tap} ({journal.key})"
     log.bind(instance=journal.instance, uuid=journal.key, tap=journal.tap)
     try:
-        steps = rebuilt_steps(net, journal)
-    except Exception as exc:
+        nic = journaled_nic(journal)
+        problem = preflight(net, settings, journal, nic)
+    except NicHooksError as exc:
+        problem = str(exc)
+    if problem:
         if device_state(net, journal) != PRESENT_DEVICE:
             return []  # the device went while we looked: the vanished path takes over
-        return [Action(name, "failed", f"cannot rebuild the steps: {cause(exc)}", ok=False)]
+        return [Action(name, "failed", f"cannot rebuild the plan: {problem}", ok=False)]
     actions: list[Action] = []
-    for index, step in steps:
+    for rebuilt in rebuilt_steps(net, journal, nic):
+        step = rebuilt.step
+        if step is None:
+            log.error("repair", step=journal.records[rebuilt.index].step, result="failed",
+                      cause=rebuilt.error)
+            actions.append(Action(name, "failed", str(rebuilt.error), ok=False))
+            continue
         mismatch = txn.read_back(step, net)
         if not mismatch:
             continue
         try:
-            txn.write_ahead(store, net, journal, step, at=index)
+            txn.write_ahead(store, net, journal, step, at=rebuilt.index)
             again = step.verify(net)
         except Exception as exc:
             again = cause(exc)

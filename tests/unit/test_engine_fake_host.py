@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import pytest
 
+from nichooks import settings as settingsmod
 from nichooks.engine import records as kinds
 from nichooks.engine import transaction as txn
 from nichooks.engine.journal import Journal, Record, State, Status
@@ -36,6 +37,8 @@ KEY = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 OTHER = "0f0e0d0c-0b0a-4909-8807-060504030201"
 TAP = "tap0"
 IFINDEX = 7
+# ext mode plans nothing on the host: no settings file is read for these tests
+SETTINGS = settingsmod.load({"NICHOOKS_CONF_DIR": "/nonexistent/nichooks-test-conf"})
 VARIABLES = {"MODE": "ext", "MAC": "aa:00:00:00:00:01", "INTERFACE": TAP, "INTERFACE_UUID": KEY}
 
 
@@ -462,9 +465,9 @@ def test_repair_reapplies_the_step_rebuilt_from_its_record(store: Store, fake: F
     plugged(store, fake, [FactStep("a", "1"), FactStep("mtu", "9000")])
     assert on_disk(store).records[1].undo["old"] == "1500"
     del fake.facts["mtu"]  # someone removed it behind our back
-    assert drift(host(fake), on_disk(store)) == ["missing: set fact mtu=9000"]
+    assert drift(host(fake), SETTINGS, on_disk(store)) == ["missing: set fact mtu=9000"]
     fake.store = store
-    actions = repair(store, host(fake), KEY, log)
+    actions = repair(store, host(fake), SETTINGS, KEY, log)
     assert [a.what for a in actions] == ["repaired"]
     assert "set fact mtu=9000" in actions[0].detail
     assert fake.facts == {"a": "1", "mtu": "9000"}
@@ -486,8 +489,8 @@ def test_repair_quick_with_everything_present_does_nothing(store: Store, fake: F
     plugged(store, fake, steps_abc())
     before = store.path(KEY).read_bytes()
     fake.store = store
-    assert repair(store, host(fake), KEY, log, quick=True) == []
-    assert repair(store, host(fake), KEY, log) == []
+    assert repair(store, host(fake), SETTINGS, KEY, log, quick=True) == []
+    assert repair(store, host(fake), SETTINGS, KEY, log) == []
     assert fake.on_disk_at_apply == {}  # nothing re-applied
     assert store.path(KEY).read_bytes() == before
 
@@ -495,7 +498,7 @@ def test_repair_quick_with_everything_present_does_nothing(store: Store, fake: F
 def test_repair_quick_still_repairs_what_is_missing(store: Store, fake: FakeHost, log: HookLog) -> None:
     plugged(store, fake, steps_abc())
     del fake.facts["c"]
-    actions = repair(store, host(fake), KEY, log, quick=True)
+    actions = repair(store, host(fake), SETTINGS, KEY, log, quick=True)
     assert [a.what for a in actions] == ["repaired"]
     assert fake.facts == {"a": "1", "b": "2", "c": "3"}
 
@@ -503,7 +506,7 @@ def test_repair_quick_still_repairs_what_is_missing(store: Store, fake: FakeHost
 def test_repair_leaves_an_unfinished_plug_alone(store: Store, fake: FakeHost, log: HookLog) -> None:
     plugged(store, fake, steps_abc(), state=State.APPLYING)
     del fake.facts["a"]
-    assert repair(store, host(fake), KEY, log) == []
+    assert repair(store, host(fake), SETTINGS, KEY, log) == []
     assert "a" not in fake.facts
 
 
@@ -511,7 +514,7 @@ def test_repair_stops_at_a_step_that_does_not_take(store: Store, fake: FakeHost,
     plugged(store, fake, steps_abc())
     fake.facts.clear()
     fake.fail_apply = {"a"}
-    actions = repair(store, host(fake), KEY, log)
+    actions = repair(store, host(fake), SETTINGS, KEY, log)
     assert [(a.what, a.ok) for a in actions] == [("failed", False)]
     assert fake.facts == {}  # b and c depend on a: not tried
 

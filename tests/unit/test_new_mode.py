@@ -21,6 +21,7 @@ from nichooks.engine import records as kinds
 from nichooks.engine.journal import Record, State
 from nichooks.engine.plan import Plan
 from nichooks.engine.store import Store
+from nichooks.errors import InvalidInput
 from nichooks.host.netlink import LinkState
 from nichooks.log import HookLog
 from nichooks.model.nic import Nic
@@ -134,7 +135,7 @@ def lights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[La
 
 def test_a_new_mode_plugs_verifies_repairs_and_unplugs(lights: tuple[Lamps, settingsmod.Settings]) -> None:
     host, settings = lights
-    with pytest.raises(Exception, match="VLAN"):
+    with pytest.raises(InvalidInput, match="VLAN"):
         registry.nic_from_variables({"MODE": "lights", "MAC": "aa:00:00:00:00:07",
                                      "INTERFACE": TAP, "LINK": "porch", "VLAN": "5"})
     nic = registry.nic_from_variables({"MODE": "lights", "MAC": "aa:00:00:00:00:07",
@@ -145,15 +146,15 @@ def test_a_new_mode_plugs_verifies_repairs_and_unplugs(lights: tuple[Lamps, sett
     journal = store.load(KEY)
     assert journal is not None and journal.state == State.APPLIED and journal.ifindex == 9
     assert [r.kind for r in journal.records] == [KIND]
-    assert verify.drift(host, journal) == []
+    assert verify.drift(host, settings, journal) == []
     assert [c.present for c in verify.check_records(host, journal)] == [True]
     from nichooks.ops.agent import _depends_on
 
     assert _depends_on(journal) == {"porch-switch"}
 
     host.lit["porch"] = "red"  # someone else's change: drift, then repair from the record
-    assert verify.drift(host, journal) == ["missing: light lamp porch green"]
-    actions = verify.repair(store, host, KEY, HookLog(verbose=False))
+    assert verify.drift(host, settings, journal) == ["missing: light lamp porch green"]
+    actions = verify.repair(store, host, settings, KEY, HookLog(verbose=False))
     assert [a.what for a in actions] == ["repaired"] and host.lit == {"porch": "green"}
 
     warnings = unplug.ifdown(settings, KEY, TAP, env={})

@@ -92,6 +92,9 @@ class SharedSysctl:
     key: str
     value: str
     kind: str = "sysctl.shared"
+    # False when rebuilt for repair with NICHOOKS_MANAGE_SYSCTLS off: a host-wide value
+    # someone reset is then the operator's to set again, and repair says which.
+    may_set: bool = True
 
     def describe(self) -> str:
         return f"sysctl {sysctl_name(self.key)}={self.value} (shared, kept on ifdown)"
@@ -104,6 +107,10 @@ class SharedSysctl:
             "key": self.key, "old": sysctl_read(self.key), "new": self.value})
 
     def apply(self, net: Host) -> None:
+        if not self.may_set:
+            raise PlumbingError(f"routed mode needs: sysctl -w {sysctl_name(self.key)}="
+                                f"{self.value} (or set NICHOOKS_MANAGE_SYSCTLS=yes to let "
+                                "nichooks set it)")
         sysctl_write(self.key, self.value)
 
     def verify(self, net: Host) -> str | None:
@@ -350,7 +357,8 @@ def rebuild_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> Sysctl:
 
 @rebuilds("sysctl.shared")
 def rebuild_shared_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> SharedSysctl:
-    return SharedSysctl(str(undo["key"]), str(undo["new"]))
+    return SharedSysctl(str(undo["key"]), str(undo["new"]),
+                        may_set=net.settings.manage_sysctls)
 
 
 @rebuilds("route.rule")
@@ -366,9 +374,10 @@ def rebuild_host_route(undo: dict[str, Any], nic: Any, net: Host) -> HostRoute:
 
 
 @rebuilds("route.proxy")
-def rebuild_proxy(undo: dict[str, Any], nic: Any, net: Host) -> ProxyNeigh | None:
-    if undo.get("foreign"):
-        return None  # someone else's entry: not ours to put back
+def rebuild_proxy(undo: dict[str, Any], nic: Any, net: Host) -> ProxyNeigh:
+    """Someone else's entry the plug found in place is put back too when it has gone
+    (an uplink's down/up flushes them all): the guest needs it, and its new record
+    says whose it is then."""
     dev = str(undo["dev"])
     return ProxyNeigh(str(undo["addr"]), dev, int(undo["proto"]),
                       GATEWAY6 if dev == getattr(nic, "tap", None) else UPSTREAM)
