@@ -8,8 +8,10 @@ through a step object: ifdown rebuilds nothing from the environment, it replays
 records. Repair rebuilds each step from its own record (plus the NIC the journal
 describes), so rewording a step's description never turns repair off.
 
-The modules that define steps register their kinds when imported; modes/registry.py
-imports every mode, so whoever holds the registry holds every kind.
+The modules that define steps register their kinds when imported. A kind not
+registered yet is looked up after the loader has run once (modes/registry installs
+one that imports every mode): a hook imports only the modules its mode needs, and
+still undoes any record a journal holds.
 """
 
 from __future__ import annotations
@@ -61,6 +63,18 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
+_loader: list[Callable[[], None]] = []  # at most one: imports every module with kinds
+
+
+def set_loader(load_all: Callable[[], None]) -> None:
+    _loader[:] = [load_all]
+
+
+def lookup(kind: str) -> Kind | None:
+    """The registration of `kind`, importing every module with kinds if need be."""
+    if kind not in KINDS and _loader:
+        _loader.pop()()
+    return KINDS.get(kind)
 
 
 def _kind(name: str) -> Kind:
@@ -100,7 +114,7 @@ def rebuilds(kind: str) -> Callable[[RebuildFn], RebuildFn]:
 
 
 def undo(net: Any, record: Record) -> None:
-    entry = KINDS.get(record.kind)
+    entry = lookup(record.kind)
     if entry is None or entry.undo is None:
         raise ValueError(f"no undo for record kind {record.kind!r}")
     entry.undo(net, record.undo)
@@ -111,7 +125,7 @@ def present(net: Any, record: Record) -> bool | None:
     is missing, None if its kind has no check. Raises if the host cannot be read. A
     record whose undo failed is checked too: whether it is still there is what an
     operator reading `nichooks status` wants to know."""
-    entry = KINDS.get(record.kind)
+    entry = lookup(record.kind)
     if entry is None or entry.present is None:
         return None
     return bool(entry.present(net, record.undo))
@@ -119,12 +133,12 @@ def present(net: Any, record: Record) -> bool | None:
 
 def rebuild(record: Record, nic: Any, net: Any) -> Step | None:
     """The step that wrote `record`, or None if there is nothing to re-apply."""
-    entry = KINDS.get(record.kind)
+    entry = lookup(record.kind)
     if record.status == Status.FAILED or entry is None or entry.rebuild is None:
         return None
     return entry.rebuild(record.undo, nic, net)
 
 
 def by_tap_name(record: Record) -> bool:
-    entry = KINDS.get(record.kind)
+    entry = lookup(record.kind)
     return entry is not None and entry.by_tap_name

@@ -81,3 +81,6 @@ def rebuild_bridge_vlans(undo: dict[str, Any], nic: Nic, net: Host) -> BridgeVla
     if nic.vlan is None:
         return None
     return BridgeVlans(str(undo["ifname"]), nic.vlan.access, nic.vlan.trunks)
+
+
+MODE = Bridged()

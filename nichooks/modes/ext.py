@@ -24,3 +24,6 @@ class Ext(Mode):
     def plan(self, nic: Nic, net: Host, settings: Settings) -> Plan:
         return Plan(mode=self.name, nic_label=nic.label(),
                     notes=["ext mode: only the custom scripts run"])
+
+
+MODE = Ext()

@@ -173,3 +173,6 @@ def _missing(journal: Journal, ports: set[tuple[str, str]], cookies: dict[str, s
                 str(undo.get("bridge")), set()):
             return True
     return False
+
+
+MODE = OpenVswitch()

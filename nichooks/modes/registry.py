@@ -1,38 +1,70 @@
-"""Mode name -> Mode, and the one way to build a NIC whose LINK and VLAN its mode
-has checked. Importing this module imports every mode, and so registers every
-record kind (engine/records.py) a journal can hold: a new mode is added here.
+"""Mode name -> Mode, and the one way to build a NIC whose LINK and VLAN its mode has
+checked. A new mode is one line in PLACES.
+
+Modes are imported when first asked for: a hook plugging a bridged NIC does not pay
+for the OVS and routed modules (their drivers pull in hashlib, subprocess and more).
+Whoever needs every record kind a journal can hold (an undo, a sweep, the agent)
+gets them through engine.records' loader, which this module installs: it imports
+every mode, and so registers every kind.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
+from nichooks.engine import records
 from nichooks.errors import InvalidInput, PlumbingError
 from nichooks.model.nic import Nic, from_variables
 from nichooks.modes.base import Mode
-from nichooks.modes.bridged import Bridged
-from nichooks.modes.ext import Ext
-from nichooks.modes.openvswitch import OpenVswitch
-from nichooks.modes.routed import Routed
 
-MODES: dict[str, Mode] = {m.name: m for m in (Bridged(), OpenVswitch(), Routed(), Ext())}
+# name -> the module whose MODE it is, in the order error messages list them
+PLACES = {
+    "bridged": "nichooks.modes.bridged",
+    "openvswitch": "nichooks.modes.openvswitch",
+    "routed": "nichooks.modes.routed",
+    "ext": "nichooks.modes.ext",
+}
+LOADED: dict[str, Mode] = {}  # imported so far (tests may add a mode of their own)
+
+
+def find(name: str) -> Mode | None:
+    """The mode called `name`, imported on first use; None if there is none."""
+    mode = LOADED.get(name)
+    if mode is None and name in PLACES:
+        mode = importlib.import_module(PLACES[name]).MODE
+        LOADED[name] = mode
+    return mode
 
 
 def get(name: str) -> Mode:
-    """The mode a journal or a NIC names; a journal of a mode this version does not
+    """The mode a NIC or a journal names; a journal of a mode this version does not
     know cannot be planned, announced or audited, only undone by its records."""
-    mode = MODES.get(name)
+    mode = find(name)
     if mode is None:
         raise PlumbingError(f"MODE={name} is not supported by this version of nichooks",
                             step="preflight")
     return mode
 
 
+def every() -> list[Mode]:
+    """Every mode, all imported (and so every record kind registered)."""
+    return [m for m in (find(name) for name in [*PLACES, *LOADED]) if m is not None]
+
+
+def load_all() -> None:
+    every()
+
+
+records.set_loader(load_all)
+
+
 def nic_from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:
     """The NIC from Ganeti's variables, with its mode's LINK and VLAN rules applied."""
     raw = env.get("MODE") or ""
     if not raw:
-        raise InvalidInput("MODE", "is not set (one of: " + ", ".join(MODES) + ")")
-    if raw not in MODES:
-        raise InvalidInput("MODE", f"{raw!r} is not one of: " + ", ".join(MODES))
-    return from_variables(env, tap=tap, rules=MODES[raw])
+        raise InvalidInput("MODE", "is not set (one of: " + ", ".join(PLACES) + ")")
+    mode = find(raw)
+    if mode is None:
+        raise InvalidInput("MODE", f"{raw!r} is not one of: " + ", ".join(PLACES))
+    return from_variables(env, tap=tap, rules=mode)

@@ -265,3 +265,6 @@ def uplink_entries(records: list[Record], tap: str) -> list[tuple[str, str]]:
     the agent watches."""
     return [(str(r.undo.get("dev")), str(r.undo.get("addr"))) for r in records
             if r.kind == "route.proxy" and r.undo.get("dev") != tap]
+
+
+MODE = Routed()

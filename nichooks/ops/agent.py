@@ -235,7 +235,7 @@ class Agent:
             if journal is not None and journal.state == State.APPLIED:
                 by_mode.setdefault(journal.mode, []).append(journal)
         for name, journals in sorted(by_mode.items()):
-            mode = registry.MODES.get(name)
+            mode = registry.find(name)
             if mode is None:
                 continue
             try:
@@ -299,7 +299,7 @@ class Agent:
 
 
 def _depends_on(journal: Journal) -> set[str]:
-    mode = registry.MODES.get(journal.mode)
+    mode = registry.find(journal.mode)
     names = mode.watched_links(journal) if mode else set()
     return names - {journal.tap, "", "None"}
 

@@ -118,7 +118,7 @@ def switchover(settings: Settings, tap: str, *, verbose: bool = False) -> None:
             journal = txn.load(store, key, log, move_aside=False)
             if isinstance(journal, txn.Unreadable):
                 raise PlumbingError(f"journal {key} is unreadable: {journal.cause}", nic=tap)
-            mode = registry.MODES.get(journal.mode) if journal is not None else None
+            mode = registry.find(journal.mode) if journal is not None else None
             if journal is None or mode is None:
                 raise PlumbingError("not a routed NIC journaled by nichooks", nic=tap,
                                     step="announce")

@@ -21,7 +21,7 @@ from nichooks.engine.journal import Journal, State, Status
 from nichooks.engine.store import Store
 from nichooks.host.host import Host
 from nichooks.log import HookLog
-from nichooks.modes import registry  # noqa: F401  every record kind a journal can hold
+from nichooks.modes import registry  # noqa: F401  installs the loader of every record kind
 from nichooks.settings import Settings
 
 PRESENT_DEVICE, GONE, RENAMED = "present", "gone", "renamed"

@@ -33,7 +33,7 @@ def sweep(settings: Settings, *, dry_run: bool, log: HookLog) -> list[Action]:
             actions += done
             if teardown:
                 teardowns.append(teardown)
-        for mode in registry.MODES.values():
+        for mode in registry.every():
             actions += mode.orphans(store, net, settings, dry_run=dry_run, log=log)
     finally:
         net.close()

@@ -12,7 +12,7 @@ from nichooks.engine.locks import lock_nic
 from nichooks.engine.store import Store
 from nichooks.host.host import Host
 from nichooks.log import HookLog
-from nichooks.modes import registry  # noqa: F401  every record kind a journal can hold
+from nichooks.modes import registry  # noqa: F401  installs the loader of every record kind
 from nichooks.settings import Settings
 
 UP_CONTEXTS = ("start", "migrate", "hot-add")

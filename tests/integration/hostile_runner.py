@@ -215,7 +215,9 @@ def preload() -> None:
     import nichooks.host.ovsdb_view
     import nichooks.modes.registry
     import nichooks.ops.plug
-    import nichooks.ops.unplug  # noqa: F401
+    import nichooks.ops.unplug
+
+    nichooks.modes.registry.load_all()  # every mode: hooks import them lazily
     try:
         import pyroute2  # noqa: F401
     except ImportError:

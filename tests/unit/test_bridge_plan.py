@@ -18,7 +18,7 @@ from nichooks.errors import PlumbingError
 from nichooks.host.netlink import LinkState
 from nichooks.model import nic as nicmod
 from nichooks.modes import bridged as bridge
-from nichooks.modes import registry  # noqa: F401  registers every record kind
+from nichooks.modes import registry  # noqa: F401  installs the loader of every record kind
 from nichooks.modes.registry import nic_from_variables
 
 

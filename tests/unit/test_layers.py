@@ -135,9 +135,10 @@ def compares_mode_or_kind(tree: ast.AST, modes: set[str], kinds: set[str]) -> li
 
 def registered() -> tuple[set[str], set[str]]:
     from nichooks.engine.records import KINDS
-    from nichooks.modes.registry import MODES
+    from nichooks.modes import registry
 
-    return set(MODES), set(KINDS)
+    registry.load_all()
+    return set(registry.PLACES), set(KINDS)
 
 
 def test_mode_and_kind_knowledge_stays_in_modes_and_records() -> None:

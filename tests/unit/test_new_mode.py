@@ -121,7 +121,7 @@ def lights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[La
     kinds.undoes(KIND)(undo_lamp)
     kinds.checks(KIND)(lamp_lit)
     kinds.rebuilds(KIND)(rebuild_lamp)
-    monkeypatch.setitem(registry.MODES, "lights", Lights())
+    monkeypatch.setitem(registry.LOADED, "lights", Lights())
     settings = settingsmod.load({"NICHOOKS_STATE_DIR": str(tmp_path / "state"),
                                  "NICHOOKS_CONF_DIR": str(tmp_path / "conf")})
     host = Lamps(settings=settings)

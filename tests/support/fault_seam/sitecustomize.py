@@ -39,7 +39,7 @@ def install() -> None:
 
         return planned
 
-    for mode in registry.MODES.values():
+    for mode in registry.every():
         if not getattr(mode.plan, "fault_seam", False):
             wrapped = wrap_plan(mode.plan)
             wrapped.fault_seam = True
