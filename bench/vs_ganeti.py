@@ -1,0 +1,352 @@
+"""nichooks' kvm-ifup / kvm-ifdown timed against Ganeti's stock kvm-ifup, run for run.
+
+Not a test: it prints figures. Ganeti's stock `kvm-ifup` (a shell script sourcing
+`net-common`) comes from Debian's `ganeti` package, fetched with `apt-get download`
+and unpacked with `dpkg -x`, never installed; the unpacked tree is cached in
+/var/cache/nichooks-bench. The stock script runs from a temp copy whose `source`
+line points at the unpacked `net-common`, with SYSCONFDIR / LOCALSTATEDIR pointing
+at empty temp dirs, so no site hook (`/etc/ganeti/kvm-vif-bridge`, ...) can run.
+
+For each mode (bridged: a Linux bridge; routed: a routing table whose default route
+goes out an uplink veth; openvswitch: a private userspace OVS, as bench/ovs.py) with
+0 and 1000 other NICs, a throwaway network namespace is built, then pairs run
+interleaved: stock kvm-ifup, then nichooks' kvm-ifup and kvm-ifdown, each on a fresh
+veth end playing the tap, inside the namespace (`ip netns exec`), with the
+environment Ganeti builds. The stock script has no ifdown: its work is undone with
+ip / ovs-vsctl commands, untimed. The root namespace is never touched. Run as root:
+
+    .venv/bin/python bench/vs_ganeti.py [--pairs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.integration.ovs_env import Switch
+from tests.support.hooks import bin_path
+from tests.support.netns import Netns
+
+CACHE = Path("/var/cache/nichooks-bench")
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+TAP, PEER = "tapb", "gb"
+TABLE = "100"
+IP4 = "203.0.113.9"
+MAC = "aa:00:00:00:00:09"
+UUID = "6b1a2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+OTHERS = (0, 1000)
+
+
+# -- the stock scripts -------------------------------------------------------------------
+@dataclass
+class Stock:
+    version: str          # e.g. "ganeti 3.0.2-3 (scripts from ganeti-3.0 3.0.2-3)"
+    kvm_ifup: Path        # in the unpacked package
+    net_common: Path
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def _download(name: str, into: Path) -> Path:
+    """`apt-get download NAME` into `into`; `apt-get update` once if that fails (no or
+    stale package lists)."""
+    r = _run(["apt-get", "download", name], cwd=into)
+    if r.returncode != 0:
+        print(f"apt-get download {name} failed ({r.stderr.strip().splitlines()[-1:]}); "
+              "running apt-get update", file=sys.stderr)
+        subprocess.run(["apt-get", "update"], capture_output=True, text=True, check=True)
+        r = _run(["apt-get", "download", name], cwd=into)
+    if r.returncode != 0:
+        raise RuntimeError(f"apt-get download {name}: {r.stderr.strip()}")
+    base = name.split("=")[0]
+    debs = sorted(into.glob(f"{base}_*.deb"))
+    if not debs:
+        raise RuntimeError(f"apt-get download {name}: no {base}_*.deb in {into}")
+    return debs[-1]
+
+
+def _field(deb: Path, name: str) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _candidate() -> str | None:
+    """The `ganeti` version apt would fetch, from the local lists (no network)."""
+    r = _run(["apt-cache", "show", "--no-all-versions", "ganeti"])
+    found = re.search(r"^Version: (\S+)", r.stdout, re.M) if r.returncode == 0 else None
+    return found.group(1) if found else None
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    """Regular files (not the meta package's symlinks) called `name` under root."""
+    return sorted(p for p in root.rglob(name) if p.is_file() and not p.is_symlink())
+
+
+def _load(entry: Path) -> Stock:
+    root = entry / "root"
+    for ifup in _find(root, "kvm-ifup"):
+        common = ifup.parent / "net-common"
+        if common.is_file() and not common.is_symlink():
+            return Stock((entry / "VERSION").read_text().strip(), ifup, common)
+    raise RuntimeError(f"no kvm-ifup next to a net-common under {root}")
+
+
+def fetch_stock() -> Stock:
+    """Debian's ganeti scripts, unpacked (never installed), from the cache if there."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached = sorted((p for p in CACHE.glob("ganeti_*") if (p / "VERSION").is_file()),
+                    key=lambda p: p.stat().st_mtime)
+    wanted = _candidate()
+    for entry in reversed(cached):
+        if wanted is None or entry.name == f"ganeti_{wanted}":
+            return _load(entry)
+    staging = Path(tempfile.mkdtemp(prefix="ganeti-", dir=CACHE))
+    try:
+        debs = staging / "debs"
+        debs.mkdir()
+        debs.chmod(0o755)  # apt-get download drops to _apt, which must reach the dir
+        meta = _download("ganeti", debs)
+        version = _field(meta, "Version")
+        # On Debian the scripts live in the versioned package the meta package pins
+        # (ganeti-3.0 (= 3.0.2-3)); the meta package holds only symlinks to them.
+        pinned = re.search(r"(ganeti-[0-9][\w.]*) \(= ([^)]+)\)", _field(meta, "Depends"))
+        parts = [meta]
+        what = f"ganeti {version}"
+        if pinned:
+            parts.append(_download(f"{pinned.group(1)}={pinned.group(2)}", debs))
+            what += f" (scripts from {pinned.group(1)} {pinned.group(2)})"
+        for deb in parts:
+            subprocess.run(["dpkg", "-x", str(deb), str(staging / "root")], check=True)
+        shutil.rmtree(debs)
+        (staging / "VERSION").write_text(what + "\n")
+        entry = CACHE / f"ganeti_{version}"
+        shutil.rmtree(entry, ignore_errors=True)
+        staging.chmod(0o755)
+        staging.rename(entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _load(entry)
+
+
+SOURCE_LINE = re.compile(r"^(\s*(?:source|\.)\s+)(\S*/net-common)\s*$", re.M)
+
+
+def runnable_copy(stock: Stock, into: Path) -> Path:
+    """The stock kvm-ifup copied into `into`, sourcing a copy of the unpacked
+    net-common; any literal /etc/ganeti is pointed at an empty dir as well (the
+    environment's SYSCONFDIR does that for net-common's CONF_DIR)."""
+    empty = into / "etc" / "ganeti"
+    empty.mkdir(parents=True)
+    common = into / "net-common"
+    text = stock.net_common.read_text()
+    if "SYSCONFDIR:-" not in text:
+        raise RuntimeError("net-common no longer takes SYSCONFDIR from the environment")
+    common.write_text(text.replace("/etc/ganeti", str(empty)))
+    script = stock.kvm_ifup.read_text()
+    script, n = SOURCE_LINE.subn(lambda m: f"{m.group(1)}{common}", script)
+    if n != 1:
+        raise RuntimeError(f"expected one `source .../net-common` line in kvm-ifup, found {n}")
+    ifup = into / "kvm-ifup"
+    ifup.write_text(script.replace("/etc/ganeti", str(empty)))
+    ifup.chmod(0o755)
+    return ifup
+
+
+# -- the worlds --------------------------------------------------------------------------
+@dataclass
+class World:
+    """One mode's namespace with `others` other NICs; `plugged` probes the tap."""
+
+    mode: str
+    ns: Netns
+    link: str
+    plugged: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)       # for both scripts
+    ours: dict[str, str] = field(default_factory=dict)      # nichooks' settings
+    undo_stock: list[list[str]] = field(default_factory=list)
+    switch: Switch | None = None
+
+
+def _batch(ns: Netns, lines: list[str]) -> None:
+    if lines:
+        ns.ip("-batch", "-", input_text="\n".join(lines) + "\n")
+
+
+def _master(ns: Netns) -> str | None:
+    found = ns.ipj("link", "show", "dev", TAP)
+    return found[0].get("master") if found else None
+
+
+def build_bridged(ns: Netns, others: int, _root: Path) -> World:
+    batch = ["link add br0 type bridge", "link set br0 address 02:00:00:00:00:01",
+             "link set br0 up"]
+    for i in range(others):
+        batch += [f"link add t{i} type veth peer name p{i}", f"link set t{i} master br0",
+                  f"link set t{i} up"]
+    _batch(ns, batch)
+    return World("bridged", ns, "br0", lambda: _master(ns) == "br0")
+
+
+def build_routed(ns: Netns, others: int, _root: Path) -> World:
+    batch = ["link add up0 type veth peer name up1", "link set up0 up", "link set up1 up",
+             "addr add 198.51.100.2/24 dev up0", f"route add default via 198.51.100.1 table {TABLE}"]
+    for i in range(others):
+        tap, addr = f"t{i}", f"10.{i // 250}.{i % 250}.1"
+        batch += [f"link add {tap} type veth peer name p{i}", f"link set {tap} up",
+                  f"rule add iif {tap} lookup {TABLE} priority 20000",
+                  f"route add {addr}/32 dev {tap} table {TABLE} proto 241",
+                  f"neigh add proxy {addr} dev up0"]
+    _batch(ns, batch)
+    # The host as an operator readies it for nichooks' routed mode (the stock script
+    # checks none of these).
+    ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+           "net.ipv6.conf.up0.proxy_ndp=1", "net.ipv6.conf.up0.accept_ra=0")
+
+    def plugged() -> bool:
+        return bool(ns.ipj("route", "show", "table", TABLE, "exact", f"{IP4}/32", "dev", TAP))
+
+    undo = [["ip", "-n", ns.name, "rule", "del", "iif", TAP, "table", TABLE]]
+    return World("routed", ns, TABLE, plugged, undo_stock=undo)
+
+
+def build_ovs(ns: Netns, others: int, root: Path) -> World:
+    sw = Switch(ns, root)
+    world = World("openvswitch", ns, "br0", lambda: TAP in sw.ports("br0"), switch=sw)
+    try:
+        sw.start()
+        sw.add_bridge("br0")
+        if others:
+            cmd: list[str] = []
+            for i in range(others):
+                cmd += ["--", "add-port", "br0", f"p{i}", "--", "set", "interface", f"p{i}",
+                        "type=internal"]
+            sw.vsctl("--timeout=600", *cmd)
+    except BaseException:
+        sw.stop()  # by pidfile: whatever of the two daemons had started
+        raise
+    # The stock script calls plain `ovs-vsctl`, which finds $OVS_RUNDIR/db.sock.
+    world.env = {"OVS_RUNDIR": str(sw.dir)}
+    world.ours = {"NICHOOKS_OVSDB": sw.db}
+    world.undo_stock = [["ovs-vsctl", f"--db={sw.db}", "--if-exists", "del-port", TAP]]
+    return world
+
+
+BUILDERS: dict[str, Callable[[Netns, int, Path], World]] = {
+    "bridged": build_bridged, "routed": build_routed, "openvswitch": build_ovs}
+
+
+# -- running -----------------------------------------------------------------------------
+def fresh_tap(ns: Netns) -> None:
+    ns.ip("link", "del", TAP, check=False)
+    ns.ip("link", "add", TAP, "type", "veth", "peer", "name", PEER)
+
+
+def timed(world: World, script: str, env: dict[str, str]) -> float:
+    argv = ["ip", "netns", "exec", world.ns.name, script, TAP]
+    start = time.perf_counter()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    if r.returncode != 0:
+        raise RuntimeError(f"{world.mode}: {script} {TAP} exited {r.returncode}: "
+                           f"{(r.stdout + r.stderr).strip()}")
+    return seconds
+
+
+def measure(mode: str, others: int, pairs: int, stock_ifup: Path, tmp: Path
+            ) -> dict[str, list[float]]:
+    root = tmp / f"{mode}-{others}"
+    (root / "state").mkdir(parents=True)
+    (root / "conf").mkdir()
+    (root / "sysconf").mkdir()
+    (root / "var").mkdir()
+    out: dict[str, list[float]] = {"stock": [], "ifup": [], "ifdown": []}
+    name = f"nichooks-bench-{os.getpid()}-{mode[:5]}"
+    world: World | None = None
+    try:
+        ns = Netns(name)
+        world = BUILDERS[mode](ns, others, root)
+        nic = {"PATH": PATH, "LC_ALL": "C", "INSTANCE": "bench.example.org", "MODE": mode,
+               "LINK": world.link, "IP": IP4, "MAC": MAC, "INTERFACE": TAP,
+               "INTERFACE_INDEX": "0", "INTERFACE_UUID": UUID, "TAGS": "", **world.env}
+        stock_env = {**nic, "SYSCONFDIR": str(root / "sysconf"), "LOCALSTATEDIR": str(root / "var")}
+        ours_env = {**nic, "NICHOOKS_STATE_DIR": str(root / "state"),
+                    "NICHOOKS_CONF_DIR": str(root / "conf"),
+                    "GANETI_RUN_DIR": str(root / "state" / "ganeti-run"), **world.ours}
+        for _ in range(pairs):
+            fresh_tap(ns)
+            out["stock"].append(timed(world, str(stock_ifup), stock_env))
+            if not world.plugged():
+                raise RuntimeError(f"{mode}: stock kvm-ifup left {TAP} unplugged")
+            for cmd in world.undo_stock:
+                subprocess.run(cmd, capture_output=True, check=False)
+            fresh_tap(ns)
+            out["ifup"].append(timed(world, bin_path("kvm-ifup"), ours_env))
+            if not world.plugged():
+                raise RuntimeError(f"{mode}: nichooks kvm-ifup left {TAP} unplugged")
+            out["ifdown"].append(timed(world, bin_path("kvm-ifdown"), ours_env))
+            if world.plugged():
+                raise RuntimeError(f"{mode}: nichooks kvm-ifdown left {TAP} plugged")
+    finally:
+        if world is not None and world.switch is not None:
+            world.switch.stop()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    return out
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=11)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/vs_ganeti.py: needs root (network namespaces, apt-get)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    stock = fetch_stock()
+    tmp = Path(tempfile.mkdtemp(prefix="nichooks-bench-"))
+    try:
+        stock_ifup = runnable_copy(stock, tmp / "stock")
+        print(f"Ganeti's stock kvm-ifup from Debian's {stock.version}")
+        print(f"{args.pairs} interleaved pairs per row (stock ifup; nichooks ifup + ifdown), "
+              "medians in milliseconds, each a whole process run via `ip netns exec`")
+        heads = ("mode", "other NICs", "stock ifup", "nichooks ifup", "nichooks ifdown",
+                 "ours/stock")
+        print(" | ".join(f"{h:>15}" for h in heads))
+        for mode in BUILDERS:
+            for others in OTHERS:
+                r = measure(mode, others, args.pairs, stock_ifup, tmp)
+                ratio = statistics.median(o / s for o, s in zip(r["ifup"], r["stock"], strict=True))
+                cells = [mode, str(others), *(f"{statistics.median(r[k]) * 1000:.1f}"
+                                              for k in ("stock", "ifup", "ifdown")),
+                         f"{ratio:.2f}"]
+                print(" | ".join(f"{c:>15}" for c in cells), flush=True)
+        print("(ours/stock: median of the per-pair ratio of the two ifups. The stock script "
+              "has no ifdown; its work is undone untimed. A column for nichooks with its "
+              "agent serving the hooks is added once the agent serves them.)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
