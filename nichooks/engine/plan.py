@@ -1,4 +1,4 @@
-"""A plan: the ordered steps of one plug, and what its mode does after the commit.
+"""A plan: the ordered steps of one plug, and what its mode does once it is applied.
 
 Plans are data: `nichooks plan` prints one, the transaction applies one, tests read
 one. Steps are described in engine/records.py.
@@ -18,7 +18,7 @@ class Plan:
     nic_label: str
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts found in preflight worth showing
-    # routed mode: (uplink, address) to announce after the commit; uplink proxy entries
+    # routed mode: (uplink, address) to announce once applied and read back; uplink proxy entries
     # held back on a migration target until switchover ({"addr", "dev"} each)
     announcements: list[tuple[str, str]] = field(default_factory=list)
     deferred: list[dict[str, str]] = field(default_factory=list)

@@ -2,7 +2,7 @@
 know about one way of plugging a NIC, in one place per mode.
 
 A mode reads the NIC's LINK and VLAN, plans the plug, does what comes after the
-commit, and tells the agent and the sweep what to look at. Records it writes are
+read-back, and tells the agent and the sweep what to look at. Records it writes are
 undone, checked and rebuilt through engine/records.py, by kind. Everything here has a
 default that means "nothing to do", so a mode implements only what it has.
 """
@@ -50,8 +50,10 @@ class Mode:
         """Preflight and plan; raises before anything is changed."""
         raise NotImplementedError
 
-    def after_commit(self, plan: Plan, settings: Settings, log: HookLog) -> None:
-        """What follows a committed plug, best effort (routed: announcements)."""
+    def after_verify(self, plan: Plan, settings: Settings, log: HookLog) -> None:
+        """What follows once every step is applied and read back, before the scripts run
+        and the journal is committed; best effort (routed: the announcements, as early
+        as possible: until they go out, a migrated guest is unreachable)."""
 
     def held_back(self, journal: Journal, settings: Settings) -> list[Step]:
         """`nichooks announce`: the steps a plug on a migration target held back until

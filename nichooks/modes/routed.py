@@ -228,7 +228,7 @@ class Routed(Mode):
                                "main device carries the routes"])
         return plan(nic, net, settings)
 
-    def after_commit(self, plan: Plan, settings: Settings, log: HookLog) -> None:
+    def after_verify(self, plan: Plan, settings: Settings, log: HookLog) -> None:
         announce(plan.announcements, log)
 
     def held_back(self, journal: Journal, settings: Settings) -> list[Step]:

@@ -62,7 +62,7 @@ def ifup(settings: Settings, nic: Nic, *, env: Mapping[str, str], context: str |
                 plug.rollback(exc.cause, "journal")
             plug.apply(plan.steps)
             plug.verify(plan.steps)
-            mode.after_commit(plan, settings, log)
+            mode.after_verify(plan, settings, log)
 
             def scripts() -> list[str]:
                 return [f.reason for f in run_custom(
