@@ -191,10 +191,7 @@ class Netlink:
         return out
 
     def default_route_dev(self, family: int, table: int) -> int | None:
-        for route in self.routes(family, table):
-            if route["dst_len"] == 0 and route["type"] == 1 and route["oif"]:
-                return int(route["oif"])
-        return None
+        return default_dev_in(self.routes(family, table))
 
     def route_add(self, family: int, dst: str, oif: int, table: int, proto: int) -> None:
         plen = 32 if family == AF_INET else 128
@@ -227,6 +224,14 @@ class Netlink:
     def proxy_del(self, addr: str, ifindex: int) -> None:
         self._call(self.ipr.neigh, "del", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
                    family=family_of(addr))
+
+
+def default_dev_in(routes: list[dict[str, Any]]) -> int | None:
+    """The device of the default (unicast) route among `routes` (one table's dump)."""
+    for route in routes:
+        if route["dst_len"] == 0 and route["type"] == 1 and route["oif"]:
+            return int(route["oif"])
+    return None
 
 
 def _errtext(code: int, exc: Exception) -> str:

@@ -262,8 +262,13 @@ class HostRoute:
 
 
 def route_owner(net: Host, family: int, addr: str, table: int) -> dict[str, Any] | None:
+    return host_route_in(net.netlink.routes(family, table), family, addr)
+
+
+def host_route_in(routes: list[dict[str, Any]], family: int, addr: str) -> dict[str, Any] | None:
+    """The /32 or /128 route to `addr` among `routes` (one table's dump), if any."""
     plen = 32 if family == AF_INET else 128
-    for route in net.netlink.routes(family, table):
+    for route in routes:
         if route["dst"] == addr and route["dst_len"] == plen:
             return route
     return None
