@@ -69,6 +69,7 @@ class Netlink:
 
     def __init__(self) -> None:
         self._ipr: Any = None
+        self._strict: Any = None  # a second socket with NETLINK_GET_STRICT_CHK, or False
 
     @property
     def ipr(self) -> Any:
@@ -78,10 +79,26 @@ class Netlink:
             self._ipr = IPRoute()
         return self._ipr
 
+    def _strict_socket(self) -> Any:
+        """A socket whose dump requests the kernel filters (Linux 4.20+), kept apart
+        from `ipr` so that no other request meets the stricter checks; False where the
+        kernel cannot."""
+        if self._strict is None:
+            from pyroute2 import IPRoute
+
+            try:
+                self._strict = IPRoute(strict_check=True)
+            except OSError:
+                self._strict = False
+        return self._strict
+
     def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._strict:
+            self._strict.close()
+        self._strict = None
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
@@ -180,15 +197,22 @@ class Netlink:
                    priority=priority, protocol=_rule_proto(proto))
 
     def routes(self, family: int, table: int) -> list[dict[str, Any]]:
-        """Host routes and everything else in one table: dst/len, oif, proto."""
-        out = []
-        for msg in self._call(self.ipr.get_routes, family=family, table=table):
-            if (msg.get("RTA_TABLE") or msg["table"]) != table:
-                continue
-            out.append({"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"],
-                        "oif": msg.get("RTA_OIF"), "proto": msg["proto"],
-                        "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"]})
-        return out
+        """Host routes and everything else in one table: dst/len, oif, proto. A whole
+        dump, decoded at ~50 ms per 1000 routes: only where every device counts."""
+        return _route_dicts(self._call(self.ipr.get_routes, family=family, table=table),
+                            table)
+
+    def routes_via(self, family: int, table: int, oif: int) -> list[dict[str, Any]]:
+        """The routes of one table through one device. The kernel filters the dump
+        (table and device in the request, on the strict socket), so the cost stays flat
+        however many guests share the table; the same filter is applied here too, for a
+        kernel that ignores it."""
+        strict = self._strict_socket()
+        if not strict:
+            return [r for r in self.routes(family, table) if r["oif"] == oif]
+        msgs = self._call(strict.route, "dump", family=family, table=table, oif=oif,
+                          dump_filter=lambda _msg: True)
+        return [r for r in _route_dicts(msgs, table) if r["oif"] == oif]
 
     def default_route_dev(self, family: int, table: int) -> int | None:
         return default_dev_in(self.routes(family, table))
@@ -224,6 +248,17 @@ class Netlink:
     def proxy_del(self, addr: str, ifindex: int) -> None:
         self._call(self.ipr.neigh, "del", dst=addr, ifindex=ifindex, flags=NTF_PROXY,
                    family=family_of(addr))
+
+
+def _route_dicts(msgs: Any, table: int) -> list[dict[str, Any]]:
+    out = []
+    for msg in msgs:
+        if (msg.get("RTA_TABLE") or msg["table"]) != table:
+            continue
+        out.append({"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"],
+                    "oif": msg.get("RTA_OIF"), "proto": msg["proto"],
+                    "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"]})
+    return out
 
 
 def default_dev_in(routes: list[dict[str, Any]]) -> int | None:

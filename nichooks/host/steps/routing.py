@@ -255,8 +255,7 @@ class HostRoute:
 
     def verify(self, net: Host) -> str | None:
         tap = net.netlink.find(self.tap)
-        owner = route_owner(net, self.family, self.addr, self.table)
-        if tap is None or owner is None or owner["oif"] != tap.index:
+        if tap is None or not _routed_via(net, self.family, self.addr, self.table, tap.index):
             return f"{self.describe()} is missing"
         return None
 
@@ -281,19 +280,26 @@ def owned_message(net: Host, addr: str, table: int, owner: dict[str, Any]) -> st
             "(another NIC owns this address); nothing was changed")
 
 
+def _routed_via(net: Host, family: int, addr: str, table: int,
+                oif: int) -> dict[str, Any] | None:
+    """The host route to `addr` in `table` through device `oif`: a dump the kernel
+    filters to that device, flat however many guests share the table."""
+    return host_route_in(net.netlink.routes_via(family, table, oif), family, addr)
+
+
 @undoes("route.host")
 def undo_host_route(net: Host, undo: dict[str, Any]) -> None:
-    owner = route_owner(net, undo["family"], undo["addr"], undo["table"])
-    if owner is None or owner["oif"] != undo["oif"] or owner["proto"] != undo["proto"]:
+    ours = _routed_via(net, undo["family"], undo["addr"], undo["table"], undo["oif"])
+    if ours is None or ours["proto"] != undo["proto"]:
         return  # gone with the tap, or someone else's now
     with ignore_gone():
-        net.netlink.route_del(undo["family"], undo["addr"], undo["oif"], undo["table"], undo["proto"])
+        net.netlink.route_del(undo["family"], undo["addr"], undo["oif"], undo["table"],
+                              undo["proto"])
 
 
 @checks("route.host")
 def host_route_present(net: Host, undo: dict[str, Any]) -> bool:
-    owner = route_owner(net, undo["family"], undo["addr"], undo["table"])
-    return owner is not None and owner["oif"] == undo["oif"]
+    return _routed_via(net, undo["family"], undo["addr"], undo["table"], undo["oif"]) is not None
 
 
 @dataclass(frozen=True)
