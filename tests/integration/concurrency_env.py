@@ -212,7 +212,7 @@ _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (t
 class Trail:
     """What the holders of the locks did, in the order they did it, as inotify reports
     it: ("held", INSTANCE) when an ifup's ifup.d script ran (it creates held/INSTANCE),
-    ("deleted", lock name) when a holder deleted a lock file (hooks._remove_unused_locks:
+    ("deleted", lock name) when a holder deleted a lock file (engine.locks._remove_unused_locks:
     only a holder, while it still holds the lock, deletes one).
 
     One inotify queue keeps the order in which the kernel saw the changes. Creations of

@@ -339,7 +339,7 @@ def after_ifdown(plugs: Plugs, key: str, tap: str) -> Plugs:
 
 
 def lock_set(plugs: Plugs, key: str, tap: str) -> list[str]:
-    """hooks._lock_set: the NIC, its tap, the tap its journal names, and the NIC that
+    """engine.locks._lock_set: the NIC, its tap, the tap its journal names, and the NIC that
     claims the tap; sorted, as they are taken."""
     keys, taps = {key}, {tap}
     if (old := journal_tap(plugs, key)) is not None:
@@ -350,7 +350,7 @@ def lock_set(plugs: Plugs, key: str, tap: str) -> list[str]:
 
 
 def unused_locks(after: Plugs, names: list[str]) -> list[str]:
-    """hooks._remove_unused_locks: the lock files a holder deletes on its way out, in
+    """engine.locks._remove_unused_locks: the lock files a holder deletes on its way out, in
     order: a NIC's once it has no journal, a tap's once no journal claims it."""
     taps, keys = set(after), {c.uuid for c in after.values()}
     return [n for n in names
@@ -358,7 +358,7 @@ def unused_locks(after: Plugs, names: list[str]) -> list[str]:
 
 
 def key_at_start(initial: Plugs, down: Config) -> str:
-    """hooks._find_key, before the lock, in the state the round starts from: the NIC of
+    """callers.ganeti.find_key, before the lock, in the state the round starts from: the NIC of
     INTERFACE_UUID if it has a journal, else the tap's owner."""
     key = down.uuid if journal_tap(initial, down.uuid) else (
         initial[down.tap].uuid if down.tap in initial else None)
