@@ -9,9 +9,9 @@ records. Repair rebuilds each step from its own record (plus the NIC the journal
 describes), so rewording a step's description never turns repair off.
 
 The modules that define steps register their kinds when imported. A kind not
-registered yet is looked up after the loader has run once (modes/registry installs
-one that imports every mode): a hook imports only the modules its mode needs, and
-still undoes any record a journal holds.
+registered yet is looked up after the loader has imported what registers it
+(modes/registry installs the loader): a hook imports only the modules its journal and
+mode need, and still undoes any record a journal holds.
 """
 
 from __future__ import annotations
@@ -63,17 +63,17 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
-_loader: list[Callable[[], None]] = []  # at most one: imports every module with kinds
+_loader: list[Callable[[str], None]] = []  # at most one: imports what registers a kind
 
 
-def set_loader(load_all: Callable[[], None]) -> None:
-    _loader[:] = [load_all]
+def set_loader(load: Callable[[str], None]) -> None:
+    _loader[:] = [load]
 
 
 def lookup(kind: str) -> Kind | None:
-    """The registration of `kind`, importing every module with kinds if need be."""
+    """The registration of `kind`, importing the module that makes it if need be."""
     if kind not in KINDS and _loader:
-        _loader.pop()()
+        _loader[0](kind)
     return KINDS.get(kind)
 
 

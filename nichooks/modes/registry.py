@@ -3,9 +3,9 @@ checked. A new mode is one line in PLACES.
 
 Modes are imported when first asked for: a hook plugging a bridged NIC does not pay
 for the OVS and routed modules (their drivers pull in hashlib, subprocess and more).
-Whoever needs every record kind a journal can hold (an undo, a sweep, the agent)
-gets them through engine.records' loader, which this module installs: it imports
-every mode, and so registers every kind.
+Whoever meets a record kind (an undo, a sweep, the agent) gets it registered through
+engine.records' loader, which this module installs: it imports the module that
+registers that kind (KIND_PLACES), or every mode for a kind it does not name.
 """
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ PLACES = {
     "ext": "nichooks.modes.ext",
 }
 LOADED: dict[str, Mode] = {}  # imported so far (tests may add a mode of their own)
+# record kind -> the module whose import registers its undo, check and rebuild: an
+# undo imports only what its journal's records need (a bridged ifdown, no OVS driver)
+KIND_PLACES = {
+    "link.attr": "nichooks.host.steps.link",
+    "bridge.vlans": "nichooks.modes.bridged",
+    "sysctl.dev": "nichooks.host.steps.routing",
+    "sysctl.shared": "nichooks.host.steps.routing",
+    "route.rule": "nichooks.host.steps.routing",
+    "route.host": "nichooks.host.steps.routing",
+    "route.proxy": "nichooks.host.steps.routing",
+    "ovs.port": "nichooks.modes.openvswitch",
+    "ovs.flows": "nichooks.modes.openvswitch",
+}
 
 
 def find(name: str) -> Mode | None:
@@ -56,7 +69,16 @@ def load_all() -> None:
     every()
 
 
-records.set_loader(load_all)
+def load_kind(kind: str) -> None:
+    """Import what registers `kind`; every mode for a kind this table does not name."""
+    place = KIND_PLACES.get(kind)
+    if place is None:
+        load_all()
+    else:
+        importlib.import_module(place)
+
+
+records.set_loader(load_kind)
 
 
 def nic_from_variables(env: Mapping[str, str], *, tap: str | None = None) -> Nic:

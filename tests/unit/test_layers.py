@@ -158,3 +158,24 @@ def test_the_checks_can_fail() -> None:
     guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\n")
     assert _type_checking_only(guarded.body[1])
     assert layer("nichooks.engine.journal") < layer("nichooks.ops.plug")
+
+
+def test_each_record_kind_is_registered_by_the_module_the_registry_names() -> None:
+    """An undo imports only the module KIND_PLACES names for a record's kind: that
+    import alone must register the kind's undo, check and rebuild, and every kind there
+    is must be named (a fresh interpreter each, so nothing else is imported already)."""
+    import subprocess
+    import sys
+
+    from nichooks.engine.records import KINDS
+    from nichooks.modes import registry
+
+    registry.load_all()
+    assert set(registry.KIND_PLACES) == {k for k in KINDS if not k.startswith("test.")}
+    for kind, place in sorted(registry.KIND_PLACES.items()):
+        probe = (f"import importlib; importlib.import_module({place!r}); "
+                 "from nichooks.engine.records import KINDS; "
+                 f"k = KINDS[{kind!r}]; "
+                 "assert None not in (k.undo, k.present, k.rebuild), vars(k)")
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert r.returncode == 0, f"{kind} from {place}: {r.stderr.strip().splitlines()[-1:]}"
