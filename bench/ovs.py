@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from crowd import ovs_ports
+
 from tests.integration.ovs_env import Switch
 from tests.support.hooks import bin_path
 from tests.support.netns import Netns
@@ -60,11 +62,7 @@ def measure(others: int, runs: int) -> dict[str, list[float]]:
         sw.start()
         sw.add_bridge("br0")
         if others:
-            cmd: list[str] = []
-            for i in range(others):
-                cmd += ["--", "add-port", "br0", f"p{i}", "--", "set", "interface", f"p{i}",
-                        "type=internal"]
-            sw.vsctl("--timeout=300", *cmd)
+            sw.vsctl("--timeout=300", *ovs_ports(others))
         host.ip("link", "add", "tapb", "type", "veth", "peer", "name", "gb")
         (root / "state").mkdir()
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NICHOOKS_STATE_DIR": str(root / "state"),

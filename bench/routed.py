@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from crowd import routed_nics, routed_uplink
+
 BIN = Path(sys.executable).parent
 TABLE = "100"
 NS = f"nichooks-bench-{os.getpid()}"
@@ -35,16 +37,8 @@ def inside(*argv: str) -> list[str]:
 
 def setup(others: int) -> None:
     sh("ip", "netns", "add", NS)
-    batch = ["link set lo up", "link add up0 type veth peer name up1", "link set up0 up",
-             "link set up1 up", "addr add 198.51.100.2/24 dev up0",
-             f"route add default via 198.51.100.1 table {TABLE}",
-             "link add tapb type veth peer name gb"]
-    for i in range(others):
-        tap, addr = f"t{i}", f"10.{i // 250}.{i % 250}.1"
-        batch += [f"link add {tap} type veth peer name p{i}", f"link set {tap} up",
-                  f"rule add iif {tap} lookup {TABLE} priority 20000",
-                  f"route add {addr}/32 dev {tap} table {TABLE} proto 241",
-                  f"neigh add proxy {addr} dev up0"]
+    batch = ["link set lo up", *routed_uplink(TABLE), "link add tapb type veth peer name gb",
+             *routed_nics(others, TABLE)]
     sh("ip", "-n", NS, "-batch", "-", stdin="\n".join(batch) + "\n")
     sh(*inside("sysctl", "-qw", "net.ipv4.ip_forward=1"))
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from crowd import ovs_ports, routed_nics, routed_uplink
+
 from tests.integration.ovs_env import Switch
 from tests.support.hooks import bin_path
 from tests.support.netns import Netns
@@ -204,14 +206,7 @@ def build_bridged(ns: Netns, others: int, _root: Path) -> World:
 
 
 def build_routed(ns: Netns, others: int, _root: Path) -> World:
-    batch = ["link add up0 type veth peer name up1", "link set up0 up", "link set up1 up",
-             "addr add 198.51.100.2/24 dev up0", f"route add default via 198.51.100.1 table {TABLE}"]
-    for i in range(others):
-        tap, addr = f"t{i}", f"10.{i // 250}.{i % 250}.1"
-        batch += [f"link add {tap} type veth peer name p{i}", f"link set {tap} up",
-                  f"rule add iif {tap} lookup {TABLE} priority 20000",
-                  f"route add {addr}/32 dev {tap} table {TABLE} proto 241",
-                  f"neigh add proxy {addr} dev up0"]
+    batch = [*routed_uplink(TABLE), *routed_nics(others, TABLE)]
     _batch(ns, batch)
     # The host as an operator readies it for nichooks' routed mode (the stock script
     # checks none of these).
@@ -232,11 +227,7 @@ def build_ovs(ns: Netns, others: int, root: Path) -> World:
         sw.start()
         sw.add_bridge("br0")
         if others:
-            cmd: list[str] = []
-            for i in range(others):
-                cmd += ["--", "add-port", "br0", f"p{i}", "--", "set", "interface", f"p{i}",
-                        "type=internal"]
-            sw.vsctl("--timeout=600", *cmd)
+            sw.vsctl("--timeout=600", *ovs_ports(others))
     except BaseException:
         sw.stop()  # by pidfile: whatever of the two daemons had started
         raise
