@@ -214,9 +214,6 @@ class Netlink:
                           dump_filter=lambda _msg: True)
         return [r for r in _route_dicts(msgs, table) if r["oif"] == oif]
 
-    def default_route_dev(self, family: int, table: int) -> int | None:
-        return default_dev_in(self.routes(family, table))
-
     def route_add(self, family: int, dst: str, oif: int, table: int, proto: int) -> None:
         plen = 32 if family == AF_INET else 128
         self._call(self.ipr.route, "add", family=family, dst=f"{dst}/{plen}", oif=oif,

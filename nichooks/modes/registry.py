@@ -62,7 +62,8 @@ def get(name: str) -> Mode:
 
 def every() -> list[Mode]:
     """Every mode, all imported (and so every record kind registered)."""
-    return [m for m in (find(name) for name in [*PLACES, *LOADED]) if m is not None]
+    names = dict.fromkeys([*PLACES, *LOADED])  # each once: loaded modes are in both
+    return [m for m in (find(name) for name in names) if m is not None]
 
 
 def load_all() -> None:

@@ -82,10 +82,8 @@ def rebuilt_steps(net: Host, journal: Journal, nic: Nic) -> list[Rebuilt]:
     cannot be rebuilt does not keep the others from being checked and re-applied."""
     out = []
     for index, record in enumerate(journal.records):
-        if record.status == Status.FAILED:
-            continue
         try:
-            step = kinds.rebuild(record, nic, net)
+            step = kinds.rebuild(record, nic, net)  # None for a record whose undo failed
         except Exception as exc:
             out.append(Rebuilt(index, None, f"cannot rebuild {record.step}: {cause(exc)}"))
             continue

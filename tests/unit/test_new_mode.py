@@ -160,3 +160,10 @@ def test_a_new_mode_plugs_verifies_repairs_and_unplugs(lights: tuple[Lamps, sett
     warnings = unplug.ifdown(settings, KEY, TAP, env={})
     assert warnings == [] and host.lit == {}
     assert not store.exists(KEY) and store.tap_owner(TAP) is None
+
+
+def test_the_registry_lists_each_mode_once(lights: tuple[Lamps, settingsmod.Settings]) -> None:
+    """A sweep asks every mode for its orphans once, whether it was loaded before or not."""
+    registry.find("openvswitch")
+    names = [m.name for m in registry.every()]
+    assert sorted(names) == sorted({*registry.PLACES, "lights"})
