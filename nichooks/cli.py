@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nichooks.entry import kvm_ifdown, kvm_ifup
-from nichooks.errors import EXIT_OK, EXIT_PLUMBING
+from nichooks.errors import EXIT_INVALID, EXIT_OK, EXIT_PLUMBING
 from nichooks.guard import run_guarded, single_line
 
 
@@ -145,9 +145,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from nichooks.ops.agent import main as agent_main
+    from nichooks.serve.process import main as agent_main
 
-    return agent_main(foreground=args.foreground, verbose=args.verbose)
+    if args.no_serve and args.no_watch:
+        print("nichooks: agent: --no-serve and --no-watch leave nothing to do", file=sys.stderr)
+        return EXIT_INVALID
+    return agent_main(foreground=args.foreground, verbose=args.verbose, serve=not args.no_serve,
+                      watch=not args.no_watch)
 
 
 def _announce(args: argparse.Namespace) -> int:
@@ -209,10 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="re-apply, from the journal, what no longer reads back")
     p.set_defaults(fn=_verify)
-    p = sub.add_parser("agent", help="watch for NICs that vanish without an ifdown and for "
-                       "plumbing someone else removed; undo or re-apply from the journals")
+    p = sub.add_parser("agent", help="serve hook calls warm on <state dir>/agent.sock; watch "
+                       "for NICs that vanish without an ifdown and for plumbing someone else "
+                       "removed; undo or re-apply from the journals")
     p.add_argument("--foreground", action="store_true",
                    help="do not daemonize; log to stderr (for systemd)")
+    p.add_argument("--no-serve", action="store_true",
+                   help="do not serve hook calls (every hook then runs in its own process)")
+    p.add_argument("--no-watch", action="store_true",
+                   help="only serve hook calls: leave vanished NICs and drift to `nichooks "
+                   "sweep` and `nichooks verify --repair`")
     p.set_defaults(fn=_agent)
     p = sub.add_parser("announce", help="routed NIC on a migration target after switchover: "
                        "add the held-back uplink proxy entries and announce the addresses")

@@ -13,17 +13,15 @@ when it starts, after any lost event, and every SWEEP_EVERY intervals.
 
 Every action holds the NIC's locks and is decided from the journal's ifindex, so the
 agent never touches a newer plug on a reused tap name. Hooks never start the agent
-(docs/architecture.md, "The agent"): systemd does (share/nichooks-agent.service).
+(docs/architecture.md, "The agent"): systemd does (share/nichooks-agent.service), and
+nichooks/serve/process.py runs this loop beside the hook server.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from nichooks import settings as settingsmod
@@ -31,7 +29,7 @@ from nichooks.engine.actions import Action
 from nichooks.engine.journal import Journal, State
 from nichooks.engine.locks import locked
 from nichooks.engine.store import Store
-from nichooks.errors import EXIT_OK, LockTimeout, PlumbingError
+from nichooks.errors import LockTimeout
 from nichooks.host.host import Host
 from nichooks.host.linkwatch import LinkEvent, LinkWatch, Overflow
 from nichooks.log import HookLog
@@ -302,52 +300,3 @@ def _depends_on(journal: Journal) -> set[str]:
     mode = registry.find(journal.mode)
     names = mode.watched_links(journal) if mode else set()
     return names - {journal.tap, "", "None"}
-
-
-# -- the process ---------------------------------------------------------------------------
-def _single_instance(state_dir: Path) -> int:
-    """An flock held for the agent's lifetime (it survives daemonizing: the child
-    inherits the open file)."""
-    path = state_dir / "agent.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        pid = (state_dir / "agent.pid").read_text().strip() if (state_dir / "agent.pid").exists() else "?"
-        raise PlumbingError(f"another nichooks agent is running (pid {pid}, lock {path})",
-                            step="agent") from None
-    return fd
-
-
-def main(*, foreground: bool, verbose: bool) -> int:
-    settings = settingsmod.load(os.environ)
-    Store(settings.state_dir).ensure()
-    lock_fd = _single_instance(settings.state_dir)
-    if not foreground:
-        import daemon
-
-        context = daemon.DaemonContext(files_preserve=[lock_fd], working_directory="/",
-                                       umask=0o022, signal_map={})
-        context.open()
-    (settings.state_dir / "agent.pid").write_text(f"{os.getpid()}\n")
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    agent = Agent(settings, verbose=foreground or verbose)
-
-    def stop(_signum: int, _frame: object) -> None:
-        agent.stopping = True
-
-    signal.set_wakeup_fd(write_end)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, stop)
-    agent.log().info("agent", result="started", pid=os.getpid(), state_dir=settings.state_dir)
-    try:
-        agent.run(wakeup=read_end)
-    finally:
-        agent.log().info("agent", result="stopped")
-        agent.close()
-        try:
-            (settings.state_dir / "agent.pid").unlink()
-        except FileNotFoundError:
-            pass
-    return EXIT_OK

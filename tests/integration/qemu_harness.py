@@ -54,6 +54,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import served
+
 QEMU = "/usr/bin/qemu-system-x86_64"
 QEMU_ENV = "NICHOOKS_TEST_QEMU"          # another QEMU binary (a path)
 ACCEL_ENV = "NICHOOKS_TEST_QEMU_ACCEL"   # candidates instead of the default list
@@ -334,6 +336,8 @@ class QemuVM:
 
     def start(self) -> QemuVM:
         argv = self.argv()  # probes the accelerator first if need be (raises if none)
+        if self.netns is not None:
+            served.ensure(self.netns, self.env)  # NICHOOKS_TEST_SERVED: QEMU's hooks served
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, cwd="/",

@@ -13,6 +13,8 @@ import secrets
 import subprocess
 from typing import Any
 
+from tests.support import served
+
 PREFIX = "nht-"
 # Every namespace this test process made: the session guard checks these are gone
 # (not "no nht-* exists", which another test run on the same machine could break).
@@ -29,6 +31,7 @@ class Netns:
         self.ip("link", "set", "lo", "up")
 
     def delete(self) -> None:
+        served.stop(self.name)
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
     def __enter__(self) -> Netns:
@@ -40,6 +43,8 @@ class Netns:
     def run(self, *argv: str, env: dict[str, str] | None = None, check: bool = True,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a program inside the namespace (with its own /sys, as hooks see it)."""
+        if argv and served.is_hook(argv[0]):
+            served.ensure(self.name, env)
         return subprocess.run(["ip", "netns", "exec", self.name, *argv], env=env,
                               capture_output=True, text=True, check=check, timeout=timeout,
                               stdin=subprocess.DEVNULL)

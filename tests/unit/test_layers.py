@@ -23,7 +23,7 @@ LAYERS = [
     ("nichooks.modes",),
     ("nichooks.ops",),
     ("nichooks.callers",),
-    ("nichooks.entry", "nichooks.cli", "nichooks.install", "nichooks.demo"),
+    ("nichooks.serve", "nichooks.entry", "nichooks.cli", "nichooks.install", "nichooks.demo"),
 ]
 # Where a mode's name or a record's kind may be compared with a literal.
 MODE_AND_KIND_AWARE = ("nichooks.modes", "nichooks.engine.records")

@@ -1,0 +1,242 @@
+"""One hook call served by the agent, in a process forked for it alone.
+
+The fork of the warm agent has pyroute2, the OVS IDL and every mode imported already:
+what costs a hook 200 ms cold is done. Everything the peer sends is hostile until
+checked: the peer must be root in the agent's own network namespace, the request must
+be well formed and within bounds, and its settings must name the agent's state
+directory. A refusal costs the caller nothing but its in-process run; a request that
+is malformed, oversized or half-sent ends this process only, never the agent or
+another caller's request.
+
+The protocol (bin/nichooks_fastpath.py is the client; docs/agent.md):
+  client: MAGIC, a 4-byte big-endian length, NUL-separated fields, with its fds
+          0, 1, 2 attached (SCM_RIGHTS)
+  agent:  `A` (accepted) or `R` + a reason (then it closes)
+  client: `G` (go: it has not given up waiting; the call is ours from now on)
+  agent:  one byte, the exit status, when the call is done
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from nichooks.log import HookLog
+
+MAGIC = b"NICHOOKS1\n"
+ACCEPTED, REFUSED, GO = b"A", b"R", b"G"
+HEADER = len(MAGIC) + 4
+MAX_REQUEST = 256 * 1024   # a Ganeti environment is ~4 KiB
+MAX_ARGS = 16
+MAX_ENV = 1024
+READ_TIMEOUT = 2.0         # seconds for a request (and the go) to arrive in full
+ENTRIES = ("kvm_ifup", "kvm_ifdown", "vif_ganeti")
+
+
+class Refused(Exception):
+    """The request is not served; the client runs it in-process."""
+
+
+@dataclass(frozen=True)
+class Request:
+    entry: str
+    peer: int
+    netns: tuple[int, int]
+    cwd: bytes
+    argv: list[str]
+    env: dict[bytes, bytes]
+
+
+def netns_of(pid: int | str) -> tuple[int, int]:
+    info = os.stat(f"/proc/{pid}/ns/net")
+    return info.st_dev, info.st_ino
+
+
+def parse(payload: bytes, peer: int = 0) -> Request:
+    """The fields after the header, each checked; Refused names what is wrong."""
+    fields = payload.split(b"\0")
+    if len(fields) < 4:
+        raise Refused("too few fields")
+    entry, netns, cwd, argc = fields[:4]
+    if entry.decode("ascii", "replace") not in ENTRIES:
+        raise Refused("unknown entry point")
+    dev, sep, ino = netns.partition(b":")
+    if not (sep and dev.isdigit() and ino.isdigit() and len(netns) <= 41):
+        raise Refused("malformed network namespace")
+    if not cwd.startswith(b"/"):
+        raise Refused("working directory not absolute")
+    if not argc.isdigit() or not 1 <= int(argc) <= MAX_ARGS or 4 + int(argc) > len(fields):
+        raise Refused("malformed argv")
+    argv = [os.fsdecode(arg) for arg in fields[4:4 + int(argc)]]
+    env: dict[bytes, bytes] = {}
+    items = fields[4 + int(argc):]
+    if len(items) > MAX_ENV:
+        raise Refused("too many environment variables")
+    for item in items:
+        key, sep, value = item.partition(b"=")
+        if not sep or not key:
+            raise Refused("malformed environment variable")
+        env[key] = value
+    return Request(entry.decode("ascii"), peer, (int(dev), int(ino)), cwd, argv, env)
+
+
+def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The payload and the descriptors that came with it (exactly 3, or Refused)."""
+    fds: list[int] = []
+    data = b""
+    want = HEADER
+    space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+    while len(data) < want:
+        try:
+            chunk, ancdata, _flags, _addr = conn.recvmsg(min(want - len(data), 65536),
+                                                         space if not fds else 0,
+                                                         socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            _close(fds)
+            raise Refused(f"request not sent in full within {READ_TIMEOUT:g} s") from None
+        for level, kind, blob in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
+                fds.extend(got)
+        if not chunk:
+            _close(fds)
+            raise Refused("request cut short")
+        data += chunk
+        if want == HEADER and len(data) >= HEADER:
+            if not data.startswith(MAGIC):
+                _close(fds)
+                raise Refused("not a nichooks request")
+            length = struct.unpack(">I", data[len(MAGIC):HEADER])[0]
+            if length > MAX_REQUEST:
+                _close(fds)
+                raise Refused("request too large")
+            want = HEADER + length
+    if len(fds) != 3:
+        _close(fds)
+        raise Refused("expected the caller's stdin, stdout and stderr")
+    return data[HEADER:], fds
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def admit(conn: socket.socket, state_dir: Path) -> tuple[Request, list[int]]:
+    """Read and check one request; Refused when it is not ours to run."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+    if uid != 0:
+        raise Refused(f"peer uid {uid} is not root")
+    payload, fds = receive(conn)
+    try:
+        req = parse(payload, pid)
+        mine = netns_of("self")
+        if req.netns != mine or netns_of(pid) != mine:
+            raise Refused("caller is in another network namespace")
+        if _state_dir(req.env) not in (None, state_dir):
+            raise Refused("caller's settings name another state directory")
+    except (Refused, OSError) as exc:
+        _close(fds)
+        raise Refused(str(exc)) from None
+    return req, fds
+
+
+def _state_dir(env: Mapping[bytes, bytes]) -> Path | None:
+    """The state directory this caller's settings name; None when they are invalid
+    (the entry point will say so, exactly as in-process)."""
+    from nichooks import settings as settingsmod
+    from nichooks.errors import NicHooksError
+
+    try:
+        return settingsmod.load({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}).state_dir
+    except (NicHooksError, OSError, ValueError):
+        return None
+
+
+def refuse(conn: socket.socket, why: str) -> None:
+    """`R` and the reason; then whatever the peer still sends is read and dropped for
+    a moment, so that it reads our answer rather than a connection reset."""
+    conn.sendall(REFUSED + why.encode()[:200])
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(0.2)
+    try:
+        for _ in range(64):
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+
+
+def serve(conn: socket.socket, state_dir: Path,
+          entries: Mapping[str, Callable[[Sequence[str]], int]], log: HookLog) -> NoReturn:
+    """The forked process's whole life: admit, run as the caller, answer, exit."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        conn.settimeout(READ_TIMEOUT)
+        try:
+            req, fds = admit(conn, state_dir)
+        except Refused as exc:
+            log.warning("serve", result="refused", cause=str(exc))
+            refuse(conn, str(exc))
+            os._exit(0)
+        conn.sendall(ACCEPTED)
+        if conn.recv(1) != GO:  # the caller gave up waiting and runs the call itself
+            log.warning("serve", result="caller gave up waiting", entry=req.entry, peer=req.peer)
+            os._exit(0)
+        conn.settimeout(None)
+    except OSError:
+        os._exit(0)
+    if log.verbose:
+        log.info("serve", result="serving", entry=req.entry, peer=req.peer)
+    status = run_as_caller(req, fds, entries)
+    try:
+        conn.sendall(bytes([status & 0xFF]))
+    finally:
+        os._exit(0)
+
+
+def run_as_caller(req: Request, fds: list[int],
+                  entries: Mapping[str, Callable[[Sequence[str]], int]]) -> int:
+    """Become the caller's process as far as the entry point can tell: its stdio, its
+    environment (custom scripts get it whole), its working directory and argv."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    _close([fd for fd in fds if fd > 2])
+    os.environb.clear()
+    os.environb.update(req.env)
+    try:
+        os.chdir(req.cwd)
+    except OSError:
+        os.chdir("/")
+    sys.argv = list(req.argv)
+    try:
+        status = entries[req.entry](req.argv)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # the entry points catch their own; this is a bug
+        print(f"nichooks: internal error in the agent's run of {req.entry}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        status = 1
+    # Flush and close the caller's pipes before answering: its output ends when it
+    # learns the status, as for a direct run.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    _close([0, 1, 2])
+    return status
