@@ -30,13 +30,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crowd import ovs_ports, routed_nics, routed_uplink
+from serving import Agent
 
 from tests.integration.ovs_env import Switch
 from tests.support.hooks import bin_path
@@ -248,37 +251,56 @@ def fresh_tap(ns: Netns) -> None:
     ns.ip("link", "add", TAP, "type", "veth", "peer", "name", PEER)
 
 
-def timed(world: World, script: str, env: dict[str, str]) -> float:
-    argv = ["ip", "netns", "exec", world.ns.name, script, TAP]
+def timed(world: World, script: str, env: dict[str, str], tap: str = TAP) -> float:
+    argv = ["ip", "netns", "exec", world.ns.name, script, tap]
     start = time.perf_counter()
     r = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     if r.returncode != 0:
-        raise RuntimeError(f"{world.mode}: {script} {TAP} exited {r.returncode}: "
+        raise RuntimeError(f"{world.mode}: {script} {tap} exited {r.returncode}: "
                            f"{(r.stdout + r.stderr).strip()}")
     return seconds
 
 
+def dirs(root: Path) -> None:
+    for sub in ("state", "state-cold", "conf", "sysconf", "var"):
+        (root / sub).mkdir(parents=True)
+    (root / "state").chmod(0o700)
+    (root / "state-cold").chmod(0o700)
+
+
+def envs(world: World, root: Path, **nic: str) -> tuple[dict[str, str], dict[str, str],
+                                                         dict[str, str]]:
+    """(stock, nichooks served by the agent, nichooks without an agent): the second
+    names the agent's state directory, the third one with no agent socket."""
+    base = {"PATH": PATH, "LC_ALL": "C", "INSTANCE": "bench.example.org", "MODE": world.mode,
+            "LINK": world.link, "IP": IP4, "MAC": MAC, "INTERFACE": TAP, "INTERFACE_INDEX": "0",
+            "INTERFACE_UUID": UUID, "TAGS": "", **world.env, **nic}
+    stock = {**base, "SYSCONFDIR": str(root / "sysconf"), "LOCALSTATEDIR": str(root / "var")}
+    served = {**base, "NICHOOKS_STATE_DIR": str(root / "state"),
+              "NICHOOKS_CONF_DIR": str(root / "conf"),
+              "GANETI_RUN_DIR": str(root / "state" / "ganeti-run"), **world.ours}
+    cold = {**served, "NICHOOKS_STATE_DIR": str(root / "state-cold"),
+            "GANETI_RUN_DIR": str(root / "state-cold" / "ganeti-run")}
+    return stock, served, cold
+
+
 def measure(mode: str, others: int, pairs: int, stock_ifup: Path, tmp: Path
-            ) -> dict[str, list[float]]:
+            ) -> tuple[dict[str, list[float]], float]:
+    """Interleaved: stock ifup; nichooks ifup + ifdown without an agent; the same
+    served by the agent. Also the agent's resident memory at the end."""
     root = tmp / f"{mode}-{others}"
-    (root / "state").mkdir(parents=True)
-    (root / "conf").mkdir()
-    (root / "sysconf").mkdir()
-    (root / "var").mkdir()
-    out: dict[str, list[float]] = {"stock": [], "ifup": [], "ifdown": []}
+    dirs(root)
+    out: dict[str, list[float]] = {k: [] for k in ("stock", "ifup", "ifdown", "ifup+a", "ifdown+a")}
     name = f"nichooks-bench-{os.getpid()}-{mode[:5]}"
     world: World | None = None
+    agent: Agent | None = None
+    rss = 0.0
     try:
         ns = Netns(name)
         world = BUILDERS[mode](ns, others, root)
-        nic = {"PATH": PATH, "LC_ALL": "C", "INSTANCE": "bench.example.org", "MODE": mode,
-               "LINK": world.link, "IP": IP4, "MAC": MAC, "INTERFACE": TAP,
-               "INTERFACE_INDEX": "0", "INTERFACE_UUID": UUID, "TAGS": "", **world.env}
-        stock_env = {**nic, "SYSCONFDIR": str(root / "sysconf"), "LOCALSTATEDIR": str(root / "var")}
-        ours_env = {**nic, "NICHOOKS_STATE_DIR": str(root / "state"),
-                    "NICHOOKS_CONF_DIR": str(root / "conf"),
-                    "GANETI_RUN_DIR": str(root / "state" / "ganeti-run"), **world.ours}
+        stock_env, served_env, cold_env = envs(world, root)
+        agent = Agent(ns, served_env, root / "state")
         for _ in range(pairs):
             fresh_tap(ns)
             out["stock"].append(timed(world, str(stock_ifup), stock_env))
@@ -286,16 +308,62 @@ def measure(mode: str, others: int, pairs: int, stock_ifup: Path, tmp: Path
                 raise RuntimeError(f"{mode}: stock kvm-ifup left {TAP} unplugged")
             for cmd in world.undo_stock:
                 subprocess.run(cmd, capture_output=True, check=False)
-            fresh_tap(ns)
-            out["ifup"].append(timed(world, bin_path("kvm-ifup"), ours_env))
-            if not world.plugged():
-                raise RuntimeError(f"{mode}: nichooks kvm-ifup left {TAP} unplugged")
-            out["ifdown"].append(timed(world, bin_path("kvm-ifdown"), ours_env))
-            if world.plugged():
-                raise RuntimeError(f"{mode}: nichooks kvm-ifdown left {TAP} plugged")
+            for suffix, env in (("", cold_env), ("+a", served_env)):
+                fresh_tap(ns)
+                out["ifup" + suffix].append(timed(world, bin_path("kvm-ifup"), env))
+                if not world.plugged():
+                    raise RuntimeError(f"{mode}: nichooks kvm-ifup left {TAP} unplugged")
+                out["ifdown" + suffix].append(timed(world, bin_path("kvm-ifdown"), env))
+                if world.plugged():
+                    raise RuntimeError(f"{mode}: nichooks kvm-ifdown left {TAP} plugged")
+        rss = agent.rss_mib()
     finally:
+        if agent is not None:
+            agent.stop()
         if world is not None and world.switch is not None:
             world.switch.stop()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    return out, rss
+
+
+def evacuate(stock_ifup: Path, tmp: Path, count: int, parallel: int) -> dict[str, float]:
+    """`count` bridged ifups, `parallel` at a time, as a node evacuation brings them:
+    wall seconds for the stock script, for nichooks served and without an agent; and
+    the agent's memory with `count` NICs journaled."""
+    root = tmp / "evacuation"
+    dirs(root)
+    name = f"nichooks-bench-{os.getpid()}-evac"
+    out: dict[str, float] = {}
+    agent: Agent | None = None
+    try:
+        ns = Netns(name)
+        world = build_bridged(ns, 0, root)
+        _batch(ns, [f"link add e{i} type veth peer name f{i}" for i in range(count)])
+        calls = []
+        for i in range(count):
+            nic = {"INTERFACE": f"e{i}", "MAC": f"aa:00:00:{i // 65536:02x}:{i // 256 % 256:02x}:"
+                   f"{i % 256:02x}", "INTERFACE_UUID": str(uuid.UUID(int=i + 1))}
+            calls.append((f"e{i}", envs(world, root, **nic)))
+        agent = Agent(ns, calls[0][1][1], root / "state")
+
+        def wall(script: str, which: int) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                list(pool.map(lambda c: timed(world, script, c[1][which], c[0]), calls))
+            return time.perf_counter() - start
+
+        def detach() -> None:
+            _batch(ns, [f"link set e{i} nomaster" for i in range(count)])
+
+        out["stock"] = wall(str(stock_ifup), 0)
+        detach()
+        out["served"] = wall(bin_path("kvm-ifup"), 1)
+        out["rss"] = agent.rss_mib()
+        out["served ifdown"] = wall(bin_path("kvm-ifdown"), 1)
+        out["cold"] = wall(bin_path("kvm-ifup"), 2)
+    finally:
+        if agent is not None:
+            agent.stop()
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
     return out
 
@@ -307,6 +375,9 @@ def _terminate(signum: int, _frame: object) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pairs", type=int, default=11)
+    parser.add_argument("--evacuate", type=int, default=400,
+                        help="ifups in the evacuation case (0: skip it)")
+    parser.add_argument("--parallel", type=int, default=16)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/vs_ganeti.py: needs root (network namespaces, apt-get)", file=sys.stderr)
@@ -314,26 +385,36 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     stock = fetch_stock()
-    tmp = Path(tempfile.mkdtemp(prefix="nichooks-bench-"))
+    # On tmpfs, as /run (nichooks' default state directory) is on every systemd host.
+    tmp = Path(tempfile.mkdtemp(prefix="nichooks-bench-", dir="/dev/shm"))
     try:
         stock_ifup = runnable_copy(stock, tmp / "stock")
         print(f"Ganeti's stock kvm-ifup from Debian's {stock.version}")
-        print(f"{args.pairs} interleaved pairs per row (stock ifup; nichooks ifup + ifdown), "
-              "medians in milliseconds, each a whole process run via `ip netns exec`")
-        heads = ("mode", "other NICs", "stock ifup", "nichooks ifup", "nichooks ifdown",
-                 "ours/stock")
-        print(" | ".join(f"{h:>15}" for h in heads))
+        print(f"{args.pairs} interleaved runs per row (stock ifup; nichooks ifup + ifdown "
+              "without an agent; nichooks ifup + ifdown served by the agent), medians in "
+              "milliseconds, each a whole process run via `ip netns exec`; ratios are medians "
+              "of the per-pair ratio to the stock ifup of the same pair")
+        heads = ("mode", "others", "stock", "ifup", "ifdown", "ifup+agent", "ifdown+agent",
+                 "ifup/stock", "down/stock", "ifup+a/stock", "down+a/stock", "agent RSS MiB")
+        print(" | ".join(f"{h:>12}" for h in heads))
         for mode in BUILDERS:
             for others in OTHERS:
-                r = measure(mode, others, args.pairs, stock_ifup, tmp)
-                ratio = statistics.median(o / s for o, s in zip(r["ifup"], r["stock"], strict=True))
-                cells = [mode, str(others), *(f"{statistics.median(r[k]) * 1000:.1f}"
-                                              for k in ("stock", "ifup", "ifdown")),
-                         f"{ratio:.2f}"]
-                print(" | ".join(f"{c:>15}" for c in cells), flush=True)
-        print("(ours/stock: median of the per-pair ratio of the two ifups. The stock script "
-              "has no ifdown; its work is undone untimed. A column for nichooks with its "
-              "agent serving the hooks is added once the agent serves them.)")
+                r, rss = measure(mode, others, args.pairs, stock_ifup, tmp)
+                ratios = [statistics.median(o / s for o, s in zip(r[k], r["stock"], strict=True))
+                          for k in ("ifup", "ifdown", "ifup+a", "ifdown+a")]
+                cells = [mode[:12], str(others),
+                         *(f"{statistics.median(r[k]) * 1000:.1f}"
+                           for k in ("stock", "ifup", "ifdown", "ifup+a", "ifdown+a")),
+                         *(f"{x:.2f}" for x in ratios), f"{rss:.0f}"]
+                print(" | ".join(f"{c:>12}" for c in cells), flush=True)
+        if args.evacuate:
+            e = evacuate(stock_ifup, tmp, args.evacuate, args.parallel)
+            print(f"\nevacuation: {args.evacuate} bridged ifups, {args.parallel} at a time, wall "
+                  f"seconds: stock {e['stock']:.2f}, nichooks served {e['served']:.2f} "
+                  f"({e['served'] / e['stock']:.2f}x), nichooks without an agent "
+                  f"{e['cold']:.2f} ({e['cold'] / e['stock']:.2f}x); served ifdowns "
+                  f"{e['served ifdown']:.2f}; agent RSS with {args.evacuate} NICs journaled "
+                  f"{e['rss']:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

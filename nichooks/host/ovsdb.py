@@ -106,6 +106,31 @@ def _one(value: Any) -> Any:
     return value
 
 
+def _direct_idl_class() -> Any:
+    """An Idl that asks for its data monitor at once, skipping the `_Server` database.
+
+    The stock Idl first monitors `_Server.Database`, whose `schema` column holds every
+    database's whole schema as one string: ~45 ms per connection in python-ovs' pure
+    Python JSON lexer (the PyPI wheel has no C parser), to learn about clusters and
+    schema changes that a hook's connection of a few milliseconds never meets. An IDL
+    facing a server without `_Server` takes this very path, so the state machine
+    supports it. Where the private method is missing (another python-ovs), the stock
+    behaviour stands."""
+    import ovs.db.idl
+
+    class DirectIdl(ovs.db.idl.Idl):  # type: ignore[misc]
+        def restart_fsm(self) -> None:
+            send = getattr(self, "_Idl__send_monitor_request", None)
+            if send is None:
+                super().restart_fsm()
+                return
+            self.sync_conditions()
+            self.state = self.IDL_S_INITIAL   # -> monitor_cond, the conditional monitor
+            send()
+
+    return DirectIdl
+
+
 class Ovsdb:
     def __init__(self, remote: str, timeout: float) -> None:
         self.remote = remote
@@ -158,7 +183,7 @@ class Ovsdb:
         helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(self.remote, deadline))
         for table, columns in TABLES.items():
             helper.register_columns(table, columns, readonly=UNREPLICATED.get(table, []))
-        self._idl = ovs.db.idl.Idl(self.remote, helper, probe_interval=0)
+        self._idl = _direct_idl_class()(self.remote, helper, probe_interval=0)
         self._set_conditions()
         self._run_until(lambda: self._idl.state == self._idl.IDL_S_MONITORING, deadline,
                         "the OVSDB server's first reply")

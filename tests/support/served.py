@@ -44,10 +44,11 @@ def ensure(ns_name: str, env: Mapping[str, str] | None) -> None:
         ["ip", "netns", "exec", ns_name, bin_path("nichooks"), "agent", "--foreground", "--no-watch"],
         env=agent_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     log.close()
-    end = time.monotonic() + 20
+    end = time.monotonic() + 30
     while not sock.exists():
         if running[state].poll() is not None or time.monotonic() > end:
-            raise AssertionError(f"the serving agent for {state} did not start: see {log.name}")
+            text = Path(log.name).read_text(errors="replace")
+            raise AssertionError(f"the serving agent for {state} did not start: {text}")
         time.sleep(0.02)
 
 
