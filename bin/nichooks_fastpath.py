@@ -2,8 +2,8 @@
 agent, or run it in this process exactly as before.
 
 The hooks start with `python3 -S`, so only the interpreter's built-in modules are
-here (sys, posix, _socket, array): no `site` (13 ms with our virtualenv), no
-`socket`, no `nichooks`. The whole call is the caller's argv, environment, working
+here (sys, posix, _socket; not even `array`, which imports `collections`): no `site`
+(13 ms with our virtualenv), no `socket`, no `nichooks`. The whole call is the caller's argv, environment, working
 directory and stdin/stdout/stderr (passed as descriptors, so the agent's process for
 this request prints exactly what a direct run would, to the same pipes); what comes
 back is the exit status. docs/agent.md describes the protocol and its guarantees.
@@ -20,7 +20,6 @@ checks that its protocol constants match nichooks/serve/request.py.
 """
 
 import _socket
-import array
 import posix
 import sys
 
@@ -84,7 +83,7 @@ def by_agent(entry: str) -> "int | None":
         try:
             sock.settimeout(ACCEPT_WAIT)
             sock.connect(path)
-            fds = array.array("i", (0, 1, 2)).tobytes()
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # 3 C ints
             sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
             if sent < len(data):
                 sock.sendall(data[sent:])
