@@ -3,10 +3,11 @@ agent, or run it in this process exactly as before.
 
 The hooks start with `python3 -S`, so only the interpreter's built-in modules are
 here (sys, posix, _socket; not even `array`, which imports `collections`): no `site`
-(13 ms with our virtualenv), no `socket`, no `nichooks`. The whole call is the caller's argv, environment, working
-directory and stdin/stdout/stderr (passed as descriptors, so the agent's process for
-this request prints exactly what a direct run would, to the same pipes); what comes
-back is the exit status. docs/agent.md describes the protocol and its guarantees.
+(13 ms with our virtualenv), no `socket`, no `nichooks`. The whole call is the
+caller's argv, environment, working directory and stdin/stdout/stderr (passed as
+descriptors, so the agent's process for this request prints exactly what a direct
+run would, to the same pipes); what comes back is the exit status. docs/agent.md
+describes the protocol and its guarantees.
 
 Run in-process when there is no agent socket, the connection is refused, the agent
 does not accept within ACCEPT_WAIT, or it refuses the request (another network
