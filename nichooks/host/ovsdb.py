@@ -117,6 +117,7 @@ def _direct_idl_class() -> Any:
     supports it. Where the private method is missing (another python-ovs), the stock
     behaviour stands."""
     import ovs.db.idl
+    import ovs.jsonrpc
 
     class DirectIdl(ovs.db.idl.Idl):  # type: ignore[misc]
         def restart_fsm(self) -> None:
@@ -124,6 +125,12 @@ def _direct_idl_class() -> Any:
             if send is None:
                 super().restart_fsm()
                 return
+            # Never JSON-RPC id 0 for the monitor: the Idl clears its in-flight request
+            # only `if self._request_id and ...`, so a reply to id 0 would leave it set
+            # and block every later monitor_cond_change (the stock Idl spends id 0 of
+            # a process on the _Server schema instead).
+            if ovs.jsonrpc.Message._next_id == 0:
+                ovs.jsonrpc.Message._create_id()
             self.sync_conditions()
             self.state = self.IDL_S_INITIAL   # -> monitor_cond, the conditional monitor
             send()

@@ -26,7 +26,7 @@ from typing import Any
 
 from nichooks import settings as settingsmod
 from nichooks.engine.actions import Action
-from nichooks.engine.journal import Journal, State
+from nichooks.engine.journal import CorruptJournal, Journal, State
 from nichooks.engine.locks import locked
 from nichooks.engine.store import Store
 from nichooks.errors import LockTimeout
@@ -58,6 +58,8 @@ class Agent:
         self.seen: dict[str, tuple[int, bool]] = {}
         self.refs: dict[str, set[str]] = {}
         self.refs_stamp = -1
+        # key -> ((inode, mtime) of its journal, the links it depends on)
+        self.deps: dict[str, tuple[tuple[int, int], set[str]]] = {}
         self.taps: dict[str, tuple[int, bool, int | None]] = {}  # name -> (ifindex, up, master)
         self.later: dict[tuple[str, int | None], float] = {}  # (key, vanished index) -> when
         # NICs whose repair keeps failing: key -> (what failed last, attempts so far)
@@ -248,8 +250,10 @@ class Agent:
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _refresh_refs(self, force: bool = False) -> None:
-        """Which bridges and uplinks each journal depends on (re-read only when a journal
-        was written since)."""
+        """Which bridges and uplinks each journal depends on. Only journals written
+        since the last look are read again (by their mtime): during a node evacuation
+        hundreds of plugs each change the directory, and reading every journal on each
+        of them would cost the agent O(NICs^2)."""
         try:
             stamp = os.stat(self.store.nics).st_mtime_ns
         except FileNotFoundError:
@@ -257,17 +261,34 @@ class Agent:
         if stamp == self.refs_stamp and not force:
             return
         self.refs_stamp = stamp
+        if force:
+            self.deps.clear()
+        seen: dict[str, tuple[int, int]] = {}
+        for key in self.store.journal_keys():
+            try:
+                info = os.stat(self.store.path(key))
+            except OSError:
+                continue
+            seen[key] = (info.st_ino, info.st_mtime_ns)  # a save renames a new file in
+        for key in set(self.deps) - set(seen):
+            del self.deps[key]
+        for key, mtime in seen.items():
+            if key in self.deps and self.deps[key][0] == mtime:
+                continue
+            try:
+                journal = self.store.load(key)
+            except CorruptJournal:
+                journal = None
+            self.deps[key] = (mtime, _depends_on(journal) if journal is not None else set())
         refs: dict[str, set[str]] = {}
-        for key, journal in self.store.journals():
-            if journal is not None:
-                for name in _depends_on(journal):
-                    refs.setdefault(name, set()).add(key)
+        for key, (_mtime, names) in self.deps.items():
+            for name in names:
+                refs.setdefault(name, set()).add(key)
         self.refs = refs
         # Forget what no journal refers to any more: these tables stay as small as the
         # set of live NICs, however many devices come and go.
         self.seen = {name: state for name, state in self.seen.items() if name in refs}
-        keys = set(self.store.journal_keys())
-        self.failing = {k: v for k, v in self.failing.items() if k in keys}
+        self.failing = {k: v for k, v in self.failing.items() if k in seen}
         for name in refs:
             if name not in self.seen:
                 state = self.net.netlink.find(name)

@@ -519,3 +519,25 @@ def test_hybrid_port_cannot_bypass_the_checks_by_tagging(switch: Switch, dirs: t
     assert sum(b"NH-native-honest" in f for f in got100) == 1
     assert sum(b"NH-native-forged" in f for f in got100) == 0
     assert sum(b"NH-trunk-200" in f for f in got200) == 1
+
+
+WATCH_TWICE = """
+import sys
+from nichooks.host.ovsdb import Ovsdb
+db = Ovsdb(sys.argv[1], 3)
+db.watch({"tapa"}, {"br0"})
+db.watch({"tapb"}, set())   # a monitor_cond_change on the live connection
+db.watch({"tapc"}, {"br1"})
+print("ok")
+"""
+
+
+def test_one_connection_watches_more_rows_later(switch: Switch) -> None:
+    """A fresh process's IDL (as the agent's is) can widen its monitor after the first
+    reply: each watch of new rows is answered, not waited on until the timeout (the
+    monitor must not take JSON-RPC id 0, which python-ovs mistakes for none)."""
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", WATCH_TWICE, switch.db], capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.strip() == "ok", run.stderr[-1500:]
