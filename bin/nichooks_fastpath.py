@@ -57,10 +57,13 @@ def state_dir(env: dict) -> bytes:
 
 def request(entry: str, argv: list, env: dict) -> bytes:
     """MAGIC, a 4-byte big-endian length, then NUL-separated fields: the entry, the
-    network namespace (st_dev:st_ino), the working directory, argc, argv, KEY=VALUE."""
+    network namespace (st_dev:st_ino), the working directory, the umask (octal), argc,
+    argv, KEY=VALUE."""
     netns = posix.stat("/proc/self/ns/net")
+    mask = posix.umask(0o022)
+    posix.umask(mask)
     fields = [entry.encode(), b"%d:%d" % (netns.st_dev, netns.st_ino), posix.getcwdb(),
-              b"%d" % len(argv)]
+              b"%o" % mask, b"%d" % len(argv)]
     fields += [arg.encode("utf-8", "surrogateescape") for arg in argv]
     fields += [key + b"=" + value for key, value in env.items()]
     payload = b"\0".join(fields)

@@ -9,7 +9,8 @@ is malformed, oversized or half-sent ends this process only, never the agent or
 another caller's request.
 
 The protocol (bin/nichooks_fastpath.py is the client; docs/agent.md):
-  client: MAGIC, a 4-byte big-endian length, NUL-separated fields, with its fds
+  client: MAGIC, a 4-byte big-endian length, NUL-separated fields (entry, network
+          namespace, cwd, umask, argc, argv, KEY=VALUE...), with its fds
           0, 1, 2 attached (SCM_RIGHTS)
   agent:  `A` (accepted) or `R` + a reason (then it closes)
   client: `G` (go: it has not given up waiting; the call is ours from now on)
@@ -51,6 +52,7 @@ class Request:
     peer: int
     netns: tuple[int, int]
     cwd: bytes
+    umask: int
     argv: list[str]
     env: dict[bytes, bytes]
 
@@ -63,9 +65,9 @@ def netns_of(pid: int | str) -> tuple[int, int]:
 def parse(payload: bytes, peer: int = 0) -> Request:
     """The fields after the header, each checked; Refused names what is wrong."""
     fields = payload.split(b"\0")
-    if len(fields) < 4:
+    if len(fields) < 5:
         raise Refused("too few fields")
-    entry, netns, cwd, argc = fields[:4]
+    entry, netns, cwd, umask, argc = fields[:5]
     if entry.decode("ascii", "replace") not in ENTRIES:
         raise Refused("unknown entry point")
     dev, sep, ino = netns.partition(b":")
@@ -73,11 +75,13 @@ def parse(payload: bytes, peer: int = 0) -> Request:
         raise Refused("malformed network namespace")
     if not cwd.startswith(b"/"):
         raise Refused("working directory not absolute")
-    if not argc.isdigit() or not 1 <= int(argc) <= MAX_ARGS or 4 + int(argc) > len(fields):
+    if not (umask and len(umask) <= 4 and set(umask) <= set(b"01234567")) or int(umask, 8) > 0o777:
+        raise Refused("malformed umask")
+    if not argc.isdigit() or not 1 <= int(argc) <= MAX_ARGS or 5 + int(argc) > len(fields):
         raise Refused("malformed argv")
-    argv = [os.fsdecode(arg) for arg in fields[4:4 + int(argc)]]
+    argv = [os.fsdecode(arg) for arg in fields[5:5 + int(argc)]]
     env: dict[bytes, bytes] = {}
-    items = fields[4 + int(argc):]
+    items = fields[5 + int(argc):]
     if len(items) > MAX_ENV:
         raise Refused("too many environment variables")
     for item in items:
@@ -85,7 +89,8 @@ def parse(payload: bytes, peer: int = 0) -> Request:
         if not sep or not key:
             raise Refused("malformed environment variable")
         env[key] = value
-    return Request(entry.decode("ascii"), peer, (int(dev), int(ino)), cwd, argv, env)
+    return Request(entry.decode("ascii"), peer, (int(dev), int(ino)), cwd, int(umask, 8), argv,
+                   env)
 
 
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -212,12 +217,13 @@ def serve(conn: socket.socket, state_dir: Path,
 def run_as_caller(req: Request, fds: list[int],
                   entries: Mapping[str, Callable[[Sequence[str]], int]]) -> int:
     """Become the caller's process as far as the entry point can tell: its stdio, its
-    environment (custom scripts get it whole), its working directory and argv."""
+    environment (custom scripts get it whole), umask, working directory and argv."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     _close([fd for fd in fds if fd > 2])
     os.environb.clear()
     os.environb.update(req.env)
+    os.umask(req.umask)
     try:
         os.chdir(req.cwd)
     except OSError:

@@ -161,12 +161,13 @@ def _request(payload: bytes, length: int | None = None) -> bytes:
 @pytest.mark.parametrize("data, with_fds, cause", [
     (b"GET / HTTP/1.0\r\n\r\n", True, "not a nichooks request"),
     (_request(b"x" * 10, length=64 * 1024 * 1024), True, "request too large"),
-    (_request(b"kvm_ifup\x001:2\x00/\x001\x00kvm-ifup"), False, "stdin, stdout and stderr"),
-    (_request(b"rm_rf\x001:2\x00/\x001\x00x"), True, "unknown entry point"),
-    (_request(b"kvm_ifup\x00;id\x00/\x001\x00kvm-ifup"), True, "malformed network namespace"),
-    (_request(b"kvm_ifup\x001:2\x00/\x009\x00kvm-ifup"), True, "malformed argv"),
-    (_request(b"kvm_ifup\x001:2\x00/\x001\x00kvm-ifup\x00NOEQUALS"), True, "malformed environment"),
-    (_request(b"kvm_ifup\x001:2\x00/\x001\x00kvm-ifup\x00A=1"), True, "another network namespace"),
+    (_request(b"kvm_ifup\x001:2\x00/\x0022\x001\x00kvm-ifup"), False, "stdin, stdout and stderr"),
+    (_request(b"rm_rf\x001:2\x00/\x0022\x001\x00x"), True, "unknown entry point"),
+    (_request(b"kvm_ifup\x00;id\x00/\x0022\x001\x00kvm-ifup"), True, "malformed network namespace"),
+    (_request(b"kvm_ifup\x001:2\x00/\x0022\x009\x00kvm-ifup"), True, "malformed argv"),
+    (_request(b"kvm_ifup\x001:2\x00/\x009\x001\x00kvm-ifup"), True, "malformed umask"),
+    (_request(b"kvm_ifup\x001:2\x00/\x0022\x001\x00kvm-ifup\x00NOEQUALS"), True, "malformed environment"),
+    (_request(b"kvm_ifup\x001:2\x00/\x0022\x001\x00kvm-ifup\x00A=1"), True, "another network namespace"),
 ])
 def test_bad_requests_are_refused(site: Site, tmp_path: Path, data: bytes, with_fds: bool,
                                   cause: str) -> None:
@@ -412,3 +413,50 @@ def test_socket_activation(site: Site, tmp_path: Path) -> None:
     assert sock_path.exists(), "the agent removed the socket systemd owns"
     listener.close()
     assert site.hook("kvm-ifdown", "tap0").returncode == 0
+
+
+def test_hostile_bytes_on_the_socket(site: Site, tmp_path: Path) -> None:
+    """Random requests, derandomized (hypothesis): raw bytes, a valid header with a
+    random body, with and without descriptors. Each is answered `R` (or dropped), the
+    namespace and the state directory stay as they were, and the agent then serves an
+    honest call."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    site.add_bridge("br0")
+    site.add_tap()
+    out = record_parent(site)
+    with running(served_agent(site, tmp_path)) as agent:
+        sock = wait_socket(site)
+        before = site.host.snapshot()
+        answers: list[bytes] = []
+
+        @settings(max_examples=40, derandomize=True, deadline=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(body=st.one_of(st.binary(max_size=200),
+                              st.lists(st.binary(max_size=30), max_size=10).map(b"\0".join)),
+               framed=st.booleans(), with_fds=st.booleans())
+        def probe(body: bytes, framed: bool, with_fds: bool) -> None:
+            conn = _raw(sock)
+            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))] \
+                if with_fds else []
+            conn.sendmsg([_request(body) if framed else body or b"x"], fds)
+            if not framed:
+                conn.shutdown(socket.SHUT_WR)  # a short unframed body must not wait 2 s
+            answer = _answer(conn)
+            conn.close()
+            assert answer == b"" or answer.startswith(b"R"), answer
+            answers.append(answer)
+
+        probe()
+        assert site.host.snapshot() == before
+        assert names_in(site.state, "nics") == []
+        assert agent.alive()
+        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
+                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.wait(timeout=60) == 0
+        assert parent_of_call(out) != proc.pid
+        assert site.hook("kvm-ifdown", "tap0").returncode == 0
+        refused = sum(a.startswith(b"R") for a in answers)
+        print(f"hostile requests: {len(answers)}, refused with a reason: {refused}")

@@ -54,7 +54,10 @@ def test_what_the_client_sends_the_agent_reads(entry: str, argv: list[str],
     length = struct.unpack(">I", data[len(server_side.MAGIC):server_side.HEADER])[0]
     assert len(data) == server_side.HEADER + length
     req = server_side.parse(data[server_side.HEADER:], peer=42)
-    assert (req.entry, req.argv, req.env, req.cwd, req.peer) == (entry, argv, env, os.getcwdb(), 42)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (req.entry, req.argv, req.env, req.cwd, req.peer, req.umask) == \
+        (entry, argv, env, os.getcwdb(), 42, mask)
     mine = os.stat("/proc/self/ns/net")
     assert req.netns == (mine.st_dev, mine.st_ino)
 
