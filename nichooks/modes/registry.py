@@ -31,8 +31,8 @@ LOADED: dict[str, Mode] = {}  # imported so far (tests may add a mode of their o
 KIND_PLACES = {
     "link.attr": "nichooks.host.steps.link",
     "bridge.vlans": "nichooks.modes.bridged",
-    "sysctl.dev": "nichooks.host.steps.routing",
-    "sysctl.shared": "nichooks.host.steps.routing",
+    "sysctl.dev": "nichooks.host.steps.sysctl",
+    "sysctl.shared": "nichooks.host.steps.sysctl",
     "route.rule": "nichooks.host.steps.routing",
     "route.host": "nichooks.host.steps.routing",
     "route.proxy": "nichooks.host.steps.routing",

@@ -14,8 +14,9 @@ What has to be true for a routed guest to work, and why each step is here:
   where the uplink entries and announcements would pull traffic from the
   still-running source: they wait for MIGRATION_PHASE=post or `nichooks announce`.
 
-The steps and their undo are in host/steps/routing.py. Global and uplink sysctls are
-shared with other NICs: checked (or set, when the operator allows it), never undone.
+The steps and their undo are in host/steps/routing.py and sysctl.py. Global and uplink
+sysctls are shared with other NICs: checked (or set, when the operator allows it),
+never undone.
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ from nichooks.host.steps.routing import (
     HostRoute,
     ProxyNeigh,
     Rule,
-    SharedSysctl,
-    Sysctl,
     host_route_in,
     owned_message,
 )
+from nichooks.host.steps.sysctl import SharedSysctl, Sysctl
 from nichooks.model import validate
 from nichooks.model.addresses import primary_addresses
 from nichooks.model.nic import Nic

@@ -1,9 +1,8 @@
-"""Routed mode's steps: per-device and shared sysctls, the policy rule, the host route
-and proxy neighbour entries, with their undo, check and rebuild.
+"""Routed mode's steps: the policy rule, the host route and proxy neighbour entries,
+with their undo, check and rebuild (its sysctls are in sysctl.py).
 
 Everything created carries our marks (rule priority, and the `proto` of rules, routes
-and proxy entries), and undo removes only what is still ours. Shared sysctls are
-journaled so `status` can show them, and never undone.
+and proxy entries), and undo removes only what is still ours.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ from nichooks.host.netlink import (
     GONE,
     family_of,
     ignore_gone,
-    sysctl_name,
-    sysctl_read,
-    sysctl_write,
 )
 from nichooks.host.steps.link import require_link
 from nichooks.settings import Settings
@@ -35,98 +31,6 @@ DEFAULT_PROTO = 241  # NICHOOKS_ROUTE_PROTO's default, for a host without settin
 FAMILY_NAME = {AF_INET: "IPv4", AF_INET6: "IPv6"}
 UPSTREAM = "upstream resolves the guest"
 GATEWAY6 = "the guest resolves its IPv6 gateway"
-
-@dataclass(frozen=True)
-class Sysctl:
-    """A per-device sysctl on the tap: the previous value is restored on undo while the
-    device is the same one (same ifindex) and still holds our value."""
-
-    dev: str
-    key: str
-    value: str
-    kind: str = "sysctl.dev"
-
-    def describe(self) -> str:
-        return f"sysctl {sysctl_name(self.key)}={self.value}"
-
-    def as_data(self) -> dict[str, Any]:
-        return {"step": "sysctl", "key": sysctl_name(self.key), "value": self.value}
-
-    def prepare(self, net: Host) -> Record:
-        state = require_link(net, self.dev)
-        return Record(kind=self.kind, step=self.describe(), undo={
-            "ifindex": state.index, "dev": self.dev, "key": self.key,
-            "old": sysctl_read(self.key), "new": self.value})
-
-    def apply(self, net: Host) -> None:
-        sysctl_write(self.key, self.value)
-
-    def verify(self, net: Host) -> str | None:
-        now = sysctl_read(self.key)
-        return None if now == self.value else f"{sysctl_name(self.key)} is {now}, expected {self.value}"
-
-
-@undoes("sysctl.dev")
-def undo_sysctl(net: Host, undo: dict[str, Any]) -> None:
-    state = net.netlink.by_index(undo["ifindex"])
-    if state is None or state.name != undo["dev"] or undo["old"] is None:
-        return  # the device is gone, and its sysctls with it
-    if sysctl_read(undo["key"]) == undo["new"]:
-        try:
-            sysctl_write(undo["key"], undo["old"])
-        except FileNotFoundError:
-            pass
-
-
-@checks("sysctl.dev")
-def sysctl_present(net: Host, undo: dict[str, Any]) -> bool:
-    state = net.netlink.by_index(undo["ifindex"])
-    return state is not None and sysctl_read(undo["key"]) == undo["new"]
-
-
-@dataclass(frozen=True)
-class SharedSysctl:
-    """A global or uplink sysctl the operator allowed us to set. Other NICs rely on it,
-    so it is never undone; it is journaled so `status` can show it."""
-
-    key: str
-    value: str
-    kind: str = "sysctl.shared"
-    # False when rebuilt for repair with NICHOOKS_MANAGE_SYSCTLS off: a host-wide value
-    # someone reset is then the operator's to set again, and repair says which.
-    may_set: bool = True
-
-    def describe(self) -> str:
-        return f"sysctl {sysctl_name(self.key)}={self.value} (shared, kept on ifdown)"
-
-    def as_data(self) -> dict[str, Any]:
-        return {"step": "sysctl.shared", "key": sysctl_name(self.key), "value": self.value}
-
-    def prepare(self, net: Host) -> Record:
-        return Record(kind=self.kind, step=self.describe(), undo={
-            "key": self.key, "old": sysctl_read(self.key), "new": self.value})
-
-    def apply(self, net: Host) -> None:
-        if not self.may_set:
-            raise PlumbingError(f"routed mode needs: sysctl -w {sysctl_name(self.key)}="
-                                f"{self.value} (or set NICHOOKS_MANAGE_SYSCTLS=yes to let "
-                                "nichooks set it)")
-        sysctl_write(self.key, self.value)
-
-    def verify(self, net: Host) -> str | None:
-        now = sysctl_read(self.key)
-        return None if now == self.value else f"{sysctl_name(self.key)} is {now}, expected {self.value}"
-
-
-@undoes("sysctl.shared")
-def undo_shared_sysctl(net: Host, undo: dict[str, Any]) -> None:
-    """Deliberately nothing: shared by every routed NIC on the host."""
-
-
-@checks("sysctl.shared")
-def shared_sysctl_present(net: Host, undo: dict[str, Any]) -> bool:
-    return bool(sysctl_read(undo["key"]) == undo["new"])
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -173,19 +77,18 @@ class Rule:
                 raise
 
     def verify(self, net: Host) -> str | None:
-        """Read back without a dump (~45 ms per 1000 rules, and the kernel filters no
-        rule dump): the kernel is asked to add the rule again, exclusively. EEXIST
-        proves ours is there (its duplicate check compares selector, table, priority
-        and mark); a success proves it was not, and the rule just added is deleted
-        again (by its mark: never an operator's), so the read-back fails as it must."""
+        """Read back by adding the rule again, exclusively (no dump: the kernel filters
+        none, ~45 ms per 1000 rules). EEXIST proves ours is there; a success proves it
+        was not: that rule, marked ours, is deleted again and the read-back fails."""
+        args = (self.family, self.iifname, self.table, self.priority, self.proto)
         try:
-            net.netlink.rule_add(self.family, self.iifname, self.table, self.priority, self.proto)
+            net.netlink.rule_add(*args)
         except NetlinkError as exc:
             if exc.code == EEXIST:
                 return None
             raise
         with ignore_gone():
-            net.netlink.rule_del(self.family, self.iifname, self.table, self.priority, self.proto)
+            net.netlink.rule_del(*args)
         return f"{self.describe()} is missing"
 
 
@@ -374,17 +277,6 @@ def proxy_present(net: Host, undo: dict[str, Any]) -> bool:
 
 
 # -- rebuilt from their records (repair) -------------------------------------------------
-@rebuilds("sysctl.dev")
-def rebuild_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> Sysctl:
-    return Sysctl(str(undo["dev"]), str(undo["key"]), str(undo["new"]))
-
-
-@rebuilds("sysctl.shared")
-def rebuild_shared_sysctl(undo: dict[str, Any], nic: Any, net: Host) -> SharedSysctl:
-    return SharedSysctl(str(undo["key"]), str(undo["new"]),
-                        may_set=net.settings.manage_sysctls)
-
-
 @rebuilds("route.rule")
 def rebuild_rule(undo: dict[str, Any], nic: Any, net: Host) -> Rule:
     return Rule(int(undo["family"]), str(undo["iifname"]), int(undo["table"]),
