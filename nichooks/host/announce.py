@@ -114,6 +114,26 @@ def _hwaddr(sock: socket.socket, ifname: str, ip: str) -> bytes:
     return bytes(mac)
 
 
+# Packet sockets this process leaves for its exit to close (defer_closes()).
+_DEFERRED: list[socket.socket] | None = None
+
+
+def defer_closes() -> None:
+    """For a process that ends as soon as its call is answered (the agent's process for
+    a served hook): leave packet sockets open for the exit to close. The kernel closes
+    a packet socket only after an RCU grace period (synchronize_net: 5-10 ms here),
+    which the caller would otherwise wait for."""
+    global _DEFERRED
+    _DEFERRED = []
+
+
+def _release(sock: socket.socket) -> None:
+    if _DEFERRED is None:
+        sock.close()
+    else:
+        _DEFERRED.append(sock)
+
+
 def _packet_socket(ifname: str, ip: str) -> tuple[socket.socket, bytes]:
     """A raw packet socket bound to the interface (protocol 0: it never receives),
     and the interface's MAC."""
@@ -167,11 +187,13 @@ def gratuitous_arp(ifname: str, ip: str, count: int = 1) -> None:
         raise AnnounceError(ifname, ip, "not an IPv4 address") from None
     _ifindex(ifname, ip)
     sock, mac = _packet_socket(ifname, ip)
-    with sock:
+    try:
         frames = (arp_frame(mac, ipv4, ARPOP_REQUEST), arp_frame(mac, ipv4, ARPOP_REPLY))
         for _ in range(count):
             for frame in frames:
                 _send(sock, frame, ifname, ip, "gratuitous ARP")
+    finally:
+        _release(sock)
 
 
 # --- IPv6 -----------------------------------------------------------------------------
@@ -269,10 +291,12 @@ def _na_raw(ifname: str, ifindex: int, ip: str, source: bytes, target: bytes, co
 def _na_packet(ifname: str, ip: str, source: bytes | None, target: bytes, count: int) -> None:
     """Through a packet socket, the IPv6 header built here."""
     sock, mac = _packet_socket(ifname, ip)
-    with sock:
+    try:
         frame = na_frame(mac, source or eui64_link_local(mac), target)
         for _ in range(count):
             _send(sock, frame, ifname, ip, "unsolicited neighbour advertisement")
+    finally:
+        _release(sock)
 
 
 def unsolicited_na(ifname: str, ip: str, count: int = 1) -> None:

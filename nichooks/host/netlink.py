@@ -209,6 +209,13 @@ class Netlink:
         return _route_dicts(self._call(self.ipr.get_routes, family=family, table=table),
                             table)
 
+    def recent_routes(self, family: int, table: int) -> list[dict[str, Any]] | None:
+        """The table as the agent's copy had it just before this process was forked
+        (a served call; host/routemirror.py), or None: ask the kernel."""
+        from nichooks.host import routemirror
+
+        return routemirror.MIRROR.table(family, table) if routemirror.MIRROR else None
+
     def routes_via(self, family: int, table: int, oif: int) -> list[dict[str, Any]]:
         """The routes of one table through one device. The kernel filters the dump
         (table and device in the request, on the strict socket), so the cost stays flat

@@ -106,6 +106,26 @@ def migration_target_before_switchover(nic: Nic) -> bool:
     return nic.migration_phase == "pre"
 
 
+def _table_routes(net: Host, family: int, table: int, addr: str, tap_index: int,
+                  override: str | None) -> list[dict[str, Any]]:
+    """The table's routes for the plan. A served call starts from the agent's copy,
+    taken just before it was forked; an answer from it that would stop or steer the
+    plug (another device owns the address; where the default route goes) is confirmed
+    by the kernel, with a whole dump when the copy was wrong."""
+    recent = net.netlink.recent_routes(family, table)
+    if recent is None:
+        return net.netlink.routes(family, table)
+    owner = host_route_in(recent, family, addr)
+    if owner is not None and owner["oif"] != tap_index:
+        return net.netlink.routes(family, table)
+    if not override:
+        defaults = [r for r in recent if r["dst_len"] == 0 and r["type"] == 1 and r["oif"]]
+        if len(defaults) != 1 or default_dev_in(
+                net.netlink.routes_via(family, table, int(defaults[0]["oif"]))) is None:
+            return net.netlink.routes(family, table)
+    return recent
+
+
 def _uplink(net: Host, nic: Nic, family: int, routes: list[dict[str, Any]],
             override: str | None) -> str | None:
     if override:
@@ -156,14 +176,15 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     if tap.loopback:  # a rule `iif lo` would catch the host's own traffic
         raise PlumbingError(f"{nic.tap} is the loopback device, not a guest tap", nic=label,
                             step="preflight")
-    # One dump of the table per family serves both questions: whose is the address, and
+    # One read of the table per family serves both questions: whose is the address, and
     # where does the default route go (a dump costs ~50 ms per 1000 routes).
-    routes = {family: net.netlink.routes(family, table) for family in families}
+    overrides = {AF_INET: settings.uplink4, AF_INET6: settings.uplink6}
+    routes = {family: _table_routes(net, family, table, addr, tap.index, overrides[family])
+              for family, addr in families.items()}
     for family, addr in families.items():
         owner = host_route_in(routes[family], family, addr)
         if owner is not None and owner["oif"] != tap.index:
             raise PlumbingError(owned_message(net, addr, table, owner), nic=label, step="preflight")
-    overrides = {AF_INET: settings.uplink4, AF_INET6: settings.uplink6}
     uplinks = {f: _uplink(net, nic, f, routes[f], overrides[f]) for f in families}
     gateway6 = nic.network.gateway6 if AF_INET6 in families else None
 

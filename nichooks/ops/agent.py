@@ -36,7 +36,7 @@ from nichooks.log import HookLog
 from nichooks.modes import registry
 from nichooks.ops.settle import Teardown, run_teardowns, settle
 from nichooks.ops.sweep import sweep
-from nichooks.ops.verify import repair
+from nichooks.ops.verify import intact, repair
 
 SWEEP_EVERY = 15      # intervals between full sweeps (events lost without ENOBUFS)
 BURST = 0.02          # seconds to gather a burst of events before acting on it
@@ -191,6 +191,11 @@ class Agent:
         log = self.log(uuid=key)
         self.net.drop_ovsdb()
         try:
+            if intact(self.store, self.net, key, log):
+                if key in self.failing:
+                    attempts = self.failing.pop(key)[1]
+                    log.info("agent", result="repaired", after_failures=attempts)
+                return
             with locked(self.store, key, 0.05):
                 actions = repair(self.store, self.net, self.settings, key, log, quick=True)
         except LockTimeout:

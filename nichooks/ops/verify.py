@@ -128,6 +128,17 @@ def drift(net: Host, settings: Settings, journal: Journal) -> list[str]:
     return found
 
 
+def intact(store: Store, net: Host, key: str, log: HookLog) -> bool:
+    """An applied NIC whose device is there and whose every record checks out: what the
+    agent asks, without the NIC's locks, before it takes them to repair. A hook busy
+    with the NIC (an ifdown right after the plug) is then never made to wait for a
+    check that finds nothing to do. A journal is replaced whole (rename), so reading it
+    without the lock sees one version or the other, never a mix."""
+    journal = txn.load(store, key, log, move_aside=False)
+    return isinstance(journal, Journal) and journal.state == State.APPLIED \
+        and device_state(net, journal) == PRESENT_DEVICE and all_present(net, journal)
+
+
 def repair(store: Store, net: Host, settings: Settings, key: str, log: HookLog, *,
            quick: bool = False) -> list[Action]:
     """Re-apply every applied step that no longer reads back, rebuilt from its record;

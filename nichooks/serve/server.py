@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from nichooks.errors import PlumbingError
+from nichooks.host import routemirror
 from nichooks.log import HookLog
 from nichooks.serve.request import serve
 
@@ -107,6 +108,17 @@ def spawn(listener: socket.socket, state_dir: Path, entries: Entries,
         os._exit(status)
 
 
+def start_mirror(log: HookLog) -> routemirror.RouteMirror | None:
+    """The route copy every call's process inherits (host/routemirror.py)."""
+    try:
+        routemirror.MIRROR = routemirror.RouteMirror()
+    except Exception as exc:
+        log.warning("serve", result="no route copy: routed plans dump their table",
+                    cause=str(exc))
+        routemirror.MIRROR = None
+    return routemirror.MIRROR
+
+
 class Server:
     def __init__(self, listener: socket.socket, state_dir: Path, entries: Entries,
                  agent_pipe: int, log: HookLog) -> None:
@@ -114,6 +126,7 @@ class Server:
         self.agent_pipe = agent_pipe
         self.calls: set[int] = set()
         self.stopping = False
+        self.mirror: routemirror.RouteMirror | None = None
 
     def run(self) -> None:
         def stop(_signum: int, _frame: object) -> None:
@@ -125,16 +138,21 @@ class Server:
         # Every object so far is left out of garbage collection from here on: a
         # collection in a call's process would touch (and so copy) every page of the
         # warm heap it shares with this one.
+        self.mirror = start_mirror(self.log)
         gc.collect()
         gc.freeze()
         while not self.stopping:
+            mirror = self.mirror
+            watched = [self.listener.fileno(), self.agent_pipe] + ([mirror.fileno()] if mirror else [])
             try:
-                ready = select.select([self.listener.fileno(), self.agent_pipe], [], [], REAP_EVERY)[0]
+                ready = select.select(watched, [], [], REAP_EVERY)[0]
             except InterruptedError:
                 continue
             self.reap()
             if self.agent_pipe in ready:
                 break  # the agent has ended
+            if mirror and mirror.fileno() in ready:
+                self.drain_mirror()
             if self.listener.fileno() in ready:
                 self.accept()
         self.listener.close()
@@ -154,6 +172,7 @@ class Server:
         if len(self.calls) >= MAX_CALLS:
             conn.close()      # the caller runs in-process
             return
+        self.drain_mirror()   # the call starts from the routes as they are now
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -170,6 +189,16 @@ class Server:
                 os._exit(1)
         conn.close()
         self.calls.add(pid)
+
+    def drain_mirror(self) -> None:
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.drain()
+        except Exception as exc:  # a copy we cannot keep is a copy we do not use
+            self.log.warning("serve", result="route copy dropped", cause=str(exc))
+            self.mirror.close()
+            self.mirror = routemirror.MIRROR = None
 
     def reap(self) -> None:
         for pid in list(self.calls):

@@ -1,0 +1,147 @@
+"""A copy of the host's IPv4 and IPv6 routes, kept from the kernel's route events by
+the agent's hook server, so that a served routed ifup plans without dumping its table.
+
+A routed plan asks two questions of the NIC's table: whose is the guest's address, and
+where does the default route go. The kernel answers neither without a dump of the
+whole table (its route `get` is a lookup through the rules, not in a given table),
+which pyroute2 decodes at ~50 ms per 1000 routes. The hook server subscribes to route
+events, dumps once, then applies each event as it comes and drains the socket right
+before it forks a call's process: the process starts with the routes as they were a
+moment before, as a dump would give them.
+
+The copy is only ever a shortcut to "nothing to worry about": an answer that would
+stop or steer the plug (an owner other than this tap, a default route's device) is
+confirmed against the kernel by the caller (routed.py). It turns itself off on an
+overflow until it has dumped again, and for good on a host with more than MAX_ROUTES.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+RTMGRP_LINK, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x40, 0x400
+NLM_F_REPLACE = 0x100
+IFF_UP = 0x1
+MAX_ROUTES = 200_000
+Key = tuple[Any, ...]
+
+# The copy a served call's process inherits (set in the hook server); None elsewhere.
+MIRROR: RouteMirror | None = None
+
+
+def _route(msg: Any) -> dict[str, Any]:
+    return {"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"], "oif": msg.get("RTA_OIF"),
+            "proto": msg["proto"], "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"],
+            "table": msg.get("RTA_TABLE") or msg["table"], "family": msg["family"]}
+
+
+def _key(route: dict[str, Any], msg: Any) -> Key:
+    base = (route["family"], route["table"], route["dst"], route["dst_len"], msg["tos"],
+            msg.get("RTA_PRIORITY"))
+    # IPv6 keeps each next hop of a multipath route as a route of its own.
+    return base + ((route["oif"], route["gateway"]) if route["family"] == socket.AF_INET6 else ())
+
+
+class RouteMirror:
+    def __init__(self, rcvbuf: int = 8 << 20) -> None:
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+        self.marshal = MarshalRtnl()
+        # (family, table) -> route key -> route
+        self.tables: dict[tuple[int, int], dict[Key, dict[str, Any]]] = {}
+        self.valid = False
+        self.too_big = False
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                  socket.NETLINK_ROUTE)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+        self.sock.setblocking(False)
+        self.resync()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def resync(self) -> None:
+        """Subscribed first, then one dump: events queued meanwhile are applied after
+        it, in order, and each is idempotent, so the copy ends up as the kernel is."""
+        from pyroute2 import IPRoute
+
+        self.valid = False
+        if self.too_big:
+            return
+        self.drain(apply=False)
+        self.tables = {}
+        count = 0
+        with IPRoute() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.route("dump", family=family):  # every table
+                    self._apply("RTM_NEWROUTE", msg)
+                    count += 1
+                    if count > MAX_ROUTES:
+                        self.too_big = True
+                        self.tables = {}
+                        return
+        self.valid = True
+        self.drain()
+
+    def _apply(self, event: str, msg: Any) -> None:
+        route = _route(msg)
+        where = self.tables.setdefault((route["family"], route["table"]), {})
+        key = _key(route, msg)
+        if event == "RTM_NEWROUTE":
+            if msg["header"]["flags"] & NLM_F_REPLACE and route["family"] == socket.AF_INET6:
+                for old in [k for k in where if k[:6] == key[:6]]:  # every old next hop
+                    del where[old]
+            where[key] = route
+        else:
+            where.pop(key, None)
+
+    def _link(self, event: str, msg: Any) -> None:
+        """IPv4 drops a device's routes when it goes down or away, without a route
+        event for each (IPv6 sends them): drop them here too."""
+        if msg["family"] != socket.AF_UNSPEC:
+            return  # AF_BRIDGE: a port's bridge membership, not the device
+        gone = event == "RTM_DELLINK"
+        if not gone and msg["flags"] & IFF_UP:
+            return
+        for (family, _table), where in self.tables.items():
+            if gone or family == socket.AF_INET:
+                for key in [k for k, r in where.items() if r["oif"] == msg["index"]]:
+                    del where[key]
+
+    def drain(self, apply: bool = True) -> None:
+        """Apply every event queued now; on an overflow, dump again."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.resync()
+                    return
+                raise
+            if not apply:
+                continue
+            for msg in self.marshal.parse(data):
+                event = msg.get("event")
+                if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+                    self._apply(event, msg)
+                elif event in ("RTM_NEWLINK", "RTM_DELLINK"):
+                    self._link(event, msg)
+
+    def table(self, family: int, table: int) -> list[dict[str, Any]] | None:
+        """The routes of one table as `Netlink.routes` gives them; None when the copy
+        cannot be trusted (ask the kernel)."""
+        if not self.valid:
+            return None
+        return [{k: r[k] for k in ("dst", "dst_len", "oif", "proto", "gateway", "type")}
+                for r in self.tables.get((family, table), {}).values()]
+
+    def close(self) -> None:
+        self.sock.close()
