@@ -2,7 +2,7 @@
 agent, or run it in this process exactly as before.
 
 The hooks start with `python3 -S`, so only the interpreter's built-in modules are
-here (sys, posix, _socket; not even `array`, which imports `collections`): no `site`
+here (sys, posix, time, _socket; not even `array`, which imports `collections`): no `site`
 (13 ms with our virtualenv), no `socket`, no `nichooks`. The whole call is the
 caller's argv, environment, working directory and stdin/stdout/stderr (passed as
 descriptors, so the agent's process for this request prints exactly what a direct
@@ -23,6 +23,7 @@ checks that its protocol constants match nichooks/serve/request.py.
 import _socket
 import posix
 import sys
+import time
 
 MAGIC = b"NICHOOKS1\n"
 SOCKET_NAME = b"agent.sock"
@@ -30,7 +31,7 @@ DEFAULT_STATE_DIR = b"/run/nichooks"
 DEFAULT_CONF_DIR = b"/etc/nichooks"
 STATE_DIR_KEY = b"nichooks_state_dir"
 ACCEPTED, REFUSED, GO = b"A", b"R", b"G"
-ACCEPT_WAIT = 1.0     # seconds for the agent to take the request before we run it here
+ACCEPT_WAIT = 1.0     # seconds, in all, for the agent to take the call before we run it here
 MAX_CONF = 1 << 20
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 
@@ -43,15 +44,22 @@ def state_dir(env: dict) -> bytes:
     if value:
         return value
     conf = (env.get(b"NICHOOKS_CONF_DIR") or DEFAULT_CONF_DIR) + b"/nichooks.conf"
-    try:
-        with open(conf, "rb") as file:
-            text = file.read(MAX_CONF)
+    try:  # as settings.py opens it: never blocking on a FIFO, a regular file only
+        fd = posix.open(conf, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_CLOEXEC)
     except OSError:
         return DEFAULT_STATE_DIR
+    try:
+        if posix.fstat(fd).st_mode & 0o170000 != 0o100000:
+            return DEFAULT_STATE_DIR
+        text = posix.read(fd, MAX_CONF)
+    except OSError:
+        return DEFAULT_STATE_DIR
+    finally:
+        posix.close(fd)
     for line in text.splitlines():
-        key, sep, rest = line.partition(b"=")
-        if sep and key.strip().lower() == STATE_DIR_KEY and rest.strip():
-            return rest.strip()
+        cut = min((i for i in (line.find(b"="), line.find(b":")) if i >= 0), default=-1)
+        if cut > 0 and line[:cut].strip().lower() == STATE_DIR_KEY and line[cut + 1:].strip():
+            return line[cut + 1:].strip()
     return DEFAULT_STATE_DIR
 
 
@@ -85,15 +93,17 @@ def by_agent(entry: str) -> "int | None":
         return None
     try:
         try:
+            deadline = time.monotonic() + ACCEPT_WAIT
             sock.settimeout(ACCEPT_WAIT)
             sock.connect(path)
-            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # 3 C ints
-            sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-            if sent < len(data):
-                sock.sendall(data[sent:])
+            sock.sendall(data)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             if sock.recv(1) != ACCEPTED:
                 return None
-            sock.sendall(GO)
+            # Our stdio goes with the go, only once the agent has taken the call: a
+            # request left queued must not hold the caller's pipes open after we exit.
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # 3 C ints
+            sock.sendmsg([GO], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         except OSError:  # no agent, refused, too slow (socket.timeout is an OSError)
             return None
         # From here the request is the agent's: wait for it as long as it takes.

@@ -131,7 +131,9 @@ class Netlink:
             if exc.code in GONE:
                 return None
             raise
-        return self._state(msgs[0]) if msgs else None
+        state = self._state(msgs[0]) if msgs else None
+        # Linux >= 5.5 also finds a link by an alternative name: only its own name counts.
+        return state if state is not None and state.name == name else None
 
     def by_index(self, index: int) -> LinkState | None:
         try:

@@ -112,10 +112,12 @@ def _direct_idl_class() -> Any:
     The stock Idl first monitors `_Server.Database`, whose `schema` column holds every
     database's whole schema as one string: ~45 ms per connection in python-ovs' pure
     Python JSON lexer (the PyPI wheel has no C parser), to learn about clusters and
-    schema changes that a hook's connection of a few milliseconds never meets. An IDL
-    facing a server without `_Server` takes this very path, so the state machine
-    supports it. Where the private method is missing (another python-ovs), the stock
-    behaviour stands."""
+    schema changes that a hook's connection of a few milliseconds never meets. The Idl's
+    state machine has this path (IDL_S_INITIAL sends `monitor_cond`), though the stock
+    Idl itself never starts on it. What is lost: the leader checks of a clustered
+    OVSDB (`leader_only`), which matter only for a clustered `tcp:` remote, not for the
+    local `unix:` socket of ovsdb-server. Where the private method is missing (another
+    python-ovs), the stock behaviour stands."""
     import ovs.db.idl
     import ovs.jsonrpc
 

@@ -12,7 +12,8 @@ moment before, as a dump would give them.
 The copy is only ever a shortcut to "nothing to worry about": an answer that would
 stop or steer the plug (an owner other than this tap, a default route's device) is
 confirmed against the kernel by the caller (routed.py). It turns itself off on an
-overflow until it has dumped again, and for good on a host with more than MAX_ROUTES.
+overflow until it has dumped again; on a host with more than MAX_ROUTES it raises
+TooBig, and the server drops it.
 """
 
 from __future__ import annotations
@@ -31,17 +32,26 @@ Key = tuple[Any, ...]
 MIRROR: RouteMirror | None = None
 
 
+RT_SCOPE_HOST = 254
+
+
+class TooBig(Exception):
+    """More routes than MAX_ROUTES: the copy is not kept."""
+
+
 def _route(msg: Any) -> dict[str, Any]:
     return {"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"], "oif": msg.get("RTA_OIF"),
             "proto": msg["proto"], "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"],
-            "table": msg.get("RTA_TABLE") or msg["table"], "family": msg["family"]}
+            "table": msg.get("RTA_TABLE") or msg["table"], "family": msg["family"],
+            "scope": msg["scope"]}
 
 
 def _key(route: dict[str, Any], msg: Any) -> Key:
-    base = (route["family"], route["table"], route["dst"], route["dst_len"], msg["tos"],
-            msg.get("RTA_PRIORITY"))
-    # IPv6 keeps each next hop of a multipath route as a route of its own.
-    return base + ((route["oif"], route["gateway"]) if route["family"] == socket.AF_INET6 else ())
+    """The route's identity with its next hop: routes appended next to each other (and
+    IPv6's multipath next hops) are kept apart; a replace drops every next hop of the
+    same destination first (NLM_F_REPLACE)."""
+    return (route["family"], route["table"], route["dst"], route["dst_len"], msg["tos"],
+            msg.get("RTA_PRIORITY"), route["oif"], route["gateway"])
 
 
 class RouteMirror:
@@ -49,8 +59,9 @@ class RouteMirror:
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
         self.marshal = MarshalRtnl()
-        # (family, table) -> route key -> route
+        # (family, table) -> route key -> route; and ifindex -> the keys through it
         self.tables: dict[tuple[int, int], dict[Key, dict[str, Any]]] = {}
+        self.by_oif: dict[int, set[Key]] = {}
         self.valid = False
         self.too_big = False
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -59,9 +70,13 @@ class RouteMirror:
             self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-        self.sock.setblocking(False)
-        self.resync()
+        try:
+            self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+            self.sock.setblocking(False)
+            self.resync()
+        except BaseException:
+            self.sock.close()
+            raise
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -72,10 +87,8 @@ class RouteMirror:
         from pyroute2 import IPRoute
 
         self.valid = False
-        if self.too_big:
-            return
         self.drain(apply=False)
-        self.tables = {}
+        self.tables, self.by_oif = {}, {}
         count = 0
         with IPRoute() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
@@ -83,9 +96,8 @@ class RouteMirror:
                     self._apply("RTM_NEWROUTE", msg)
                     count += 1
                     if count > MAX_ROUTES:
-                        self.too_big = True
-                        self.tables = {}
-                        return
+                        self.tables, self.by_oif = {}, {}
+                        raise TooBig(f"more than {MAX_ROUTES} routes")
         self.valid = True
         self.drain()
 
@@ -94,25 +106,37 @@ class RouteMirror:
         where = self.tables.setdefault((route["family"], route["table"]), {})
         key = _key(route, msg)
         if event == "RTM_NEWROUTE":
-            if msg["header"]["flags"] & NLM_F_REPLACE and route["family"] == socket.AF_INET6:
+            if msg["header"]["flags"] & NLM_F_REPLACE:
                 for old in [k for k in where if k[:6] == key[:6]]:  # every old next hop
-                    del where[old]
+                    self._drop(where, old)
             where[key] = route
+            if route["oif"]:
+                self.by_oif.setdefault(route["oif"], set()).add(key)
         else:
-            where.pop(key, None)
+            self._drop(where, key)
+
+    def _drop(self, where: dict[Key, dict[str, Any]], key: Key) -> None:
+        route = where.pop(key, None)
+        if route is not None and route["oif"]:
+            self.by_oif.get(route["oif"], set()).discard(key)
 
     def _link(self, event: str, msg: Any) -> None:
         """IPv4 drops a device's routes when it goes down or away, without a route
-        event for each (IPv6 sends them): drop them here too."""
+        event for each (IPv6 sends them), but keeps its host-scope ones while it is
+        down: do the same here."""
         if msg["family"] != socket.AF_UNSPEC:
             return  # AF_BRIDGE: a port's bridge membership, not the device
         gone = event == "RTM_DELLINK"
         if not gone and msg["flags"] & IFF_UP:
             return
-        for (family, _table), where in self.tables.items():
-            if gone or family == socket.AF_INET:
-                for key in [k for k, r in where.items() if r["oif"] == msg["index"]]:
-                    del where[key]
+        for key in list(self.by_oif.get(msg["index"], ())):
+            where = self.tables.get((key[0], key[1]), {})
+            route = where.get(key)
+            if route is not None and (gone or (key[0] == socket.AF_INET
+                                               and route["scope"] != RT_SCOPE_HOST)):
+                self._drop(where, key)
+        if gone:
+            self.by_oif.pop(msg["index"], None)
 
     def drain(self, apply: bool = True) -> None:
         """Apply every event queued now; on an overflow, dump again."""

@@ -204,7 +204,7 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
         steps += [Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "forwarding"), "1"),
                   Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "proxy_ndp"), "1")]
     if nic.link is not None:
-        steps += [Rule(f, nic.tap, table, settings.rule_priority, settings.route_proto)
+        steps += [Rule(f, nic.tap, table, settings.rule_priority, settings.route_proto, probe=True)
                   for f in families]
     steps += [HostRoute(f, a, nic.tap, table, settings.route_proto) for f, a in families.items()]
     if gateway6:

@@ -12,9 +12,10 @@ OVSDB select and one flow dump per bridge, whatever the number of NICs). It swee
 when it starts, after any lost event, and every SWEEP_EVERY intervals.
 
 Every action holds the NIC's locks and is decided from the journal's ifindex, so the
-agent never touches a newer plug on a reused tap name. Hooks never start the agent
-(docs/architecture.md, "The agent"): systemd does (share/nichooks-agent.service), and
-nichooks/serve/process.py runs this loop beside the hook server.
+agent never touches a newer plug on a reused tap name. A hook never forks an agent of
+its own: systemd starts it (share/nichooks-agent.service, or the first hook's
+connection to share/nichooks-agent.socket), and nichooks/serve/process.py runs this
+loop beside the hook server.
 """
 
 from __future__ import annotations

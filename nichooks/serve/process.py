@@ -8,15 +8,17 @@ OVSDB connections, which no forked process may share.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib
 import os
+import select
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nichooks import settings as settingsmod
-from nichooks.errors import EXIT_OK, PlumbingError
+from nichooks.errors import EXIT_OK, EXIT_PLUMBING, PlumbingError
 from nichooks.log import HookLog
 
 # What a hook imports lazily, imported once here so no call pays for it.
@@ -97,30 +99,49 @@ def main(*, foreground: bool, verbose: bool, serve: bool = True, watch: bool = T
 
 def _loop(settings: settingsmod.Settings, verbose: bool, log: HookLog, server_pid: int,
           server_pipe: int, bound: Path | None, watch: bool) -> int:
-    """The watch loop (or, with --no-watch, nothing but waiting for a signal) until
-    SIGTERM, SIGINT or SIGHUP; then the server is stopped."""
+    """The watch loop (or, with --no-watch, nothing but waiting) until SIGTERM, SIGINT
+    or SIGHUP, or until the hook server dies: then the agent exits 1, for systemd to
+    start it again, rather than leave hooks queued on a socket nobody accepts on."""
     from nichooks.ops.agent import Agent
 
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     agent = Agent(settings, verbose=verbose) if watch else None
-    stopping = []
+    stopping: list[str] = []
 
     def stop(_signum: int, _frame: object) -> None:
-        stopping.append(True)
+        stopping.append("signal")
         if agent is not None:
             agent.stopping = True
+
+    def child(_signum: int, _frame: object) -> None:
+        if server_pid and "server" not in stopping:
+            try:
+                done = os.waitpid(server_pid, os.WNOHANG)[0]
+            except ChildProcessError:
+                done = server_pid
+            if done:
+                stopping.append("server")
+                if agent is not None:
+                    agent.stopping = True
 
     signal.set_wakeup_fd(write_end)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
+    signal.signal(signal.SIGCHLD, child)
+    child(signal.SIGCHLD, None)  # in case it died before the handler was there
     log.info("agent", result="started", pid=os.getpid(), state_dir=settings.state_dir,
              serving=bool(server_pid), watching=watch)
     try:
         if agent is not None:
             agent.run(wakeup=read_end)
-        while not stopping:
-            signal.pause()
+        while not stopping:  # --no-watch: the wakeup pipe ends the wait, no race
+            select.select([read_end], [], [])
+            with contextlib.suppress(BlockingIOError):
+                os.read(read_end, 512)
     finally:
+        if "server" in stopping:
+            log.error("agent", result="hook server died", action="exiting for a restart")
+            server_pid = 0  # reaped
         log.info("agent", result="stopped")
         if agent is not None:
             agent.close()
@@ -129,7 +150,7 @@ def _loop(settings: settingsmod.Settings, verbose: bool, log: HookLog, server_pi
             (settings.state_dir / "agent.pid").unlink()
         except FileNotFoundError:
             pass
-    return EXIT_OK
+    return EXIT_PLUMBING if "server" in stopping else EXIT_OK
 
 
 def _stop_server(pid: int, pipe: int, bound: Path | None) -> None:
@@ -140,8 +161,10 @@ def _stop_server(pid: int, pipe: int, bound: Path | None) -> None:
             bound.unlink()
         except FileNotFoundError:
             pass
-    if pid:
+    if pipe >= 0:
         os.close(pipe)
+    if pid:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:

@@ -10,10 +10,11 @@ another caller's request.
 
 The protocol (bin/nichooks_fastpath.py is the client; docs/agent.md):
   client: MAGIC, a 4-byte big-endian length, NUL-separated fields (entry, network
-          namespace, cwd, umask, argc, argv, KEY=VALUE...), with its fds
-          0, 1, 2 attached (SCM_RIGHTS)
+          namespace, cwd, umask, argc, argv, KEY=VALUE...)
   agent:  `A` (accepted) or `R` + a reason (then it closes)
-  client: `G` (go: it has not given up waiting; the call is ours from now on)
+  client: `G` (go: it has not given up waiting; the call is ours from now on), with
+          its fds 0, 1, 2 attached (SCM_RIGHTS): never sent with a request that may
+          sit in a queue, where they would hold the caller's pipes open
   agent:  one byte, the exit status, when the call is done
 """
 
@@ -25,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,42 +95,48 @@ def parse(payload: bytes, peer: int = 0) -> Request:
                    env)
 
 
-def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """The payload and the descriptors that came with it (exactly 3, or Refused)."""
-    fds: list[int] = []
+def receive(conn: socket.socket) -> bytes:
+    """The request's payload, read in full within READ_TIMEOUT seconds in all."""
     data = b""
     want = HEADER
-    space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+    deadline = time.monotonic() + READ_TIMEOUT
     while len(data) < want:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused(f"request not sent in full within {READ_TIMEOUT:g} s")
+        conn.settimeout(left)
         try:
-            chunk, ancdata, _flags, _addr = conn.recvmsg(min(want - len(data), 65536),
-                                                         space if not fds else 0,
-                                                         socket.MSG_CMSG_CLOEXEC)
+            chunk = conn.recv(min(want - len(data), 65536))
         except TimeoutError:
-            _close(fds)
             raise Refused(f"request not sent in full within {READ_TIMEOUT:g} s") from None
-        for level, kind, blob in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
-                fds.extend(got)
         if not chunk:
-            _close(fds)
             raise Refused("request cut short")
         data += chunk
         if want == HEADER and len(data) >= HEADER:
             if not data.startswith(MAGIC):
-                _close(fds)
                 raise Refused("not a nichooks request")
             length = struct.unpack(">I", data[len(MAGIC):HEADER])[0]
             if length > MAX_REQUEST:
-                _close(fds)
                 raise Refused("request too large")
             want = HEADER + length
-    if len(fds) != 3:
+    return data[HEADER:]
+
+
+def go(conn: socket.socket) -> list[int] | None:
+    """The caller's `G` and, with it, its stdin, stdout and stderr; None when it gave up
+    waiting (or sent anything else): the call is then not run."""
+    space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+    data, ancdata, _flags, _addr = conn.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
+            fds.extend(got)
+    if data != GO or len(fds) != 3:
         _close(fds)
-        raise Refused("expected the caller's stdin, stdout and stderr")
-    return data[HEADER:], fds
+        return None
+    return fds
 
 
 def _close(fds: Sequence[int]) -> None:
@@ -139,29 +147,28 @@ def _close(fds: Sequence[int]) -> None:
             pass
 
 
-def admit(conn: socket.socket, state_dir: Path) -> tuple[Request, list[int]]:
+def admit(conn: socket.socket, state_dir: Path) -> Request:
     """Read and check one request; Refused when it is not ours to run."""
     pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          struct.calcsize("3i")))
     if uid != 0:
         raise Refused(f"peer uid {uid} is not root")
-    payload, fds = receive(conn)
+    req = parse(receive(conn), pid)
     try:
-        req = parse(payload, pid)
         mine = netns_of("self")
-        if req.netns != mine or netns_of(pid) != mine:
-            raise Refused("caller is in another network namespace")
-        if _state_dir(req.env) not in (None, state_dir):
-            raise Refused("caller's settings name another state directory")
-    except (Refused, OSError) as exc:
-        _close(fds)
-        raise Refused(str(exc)) from None
-    return req, fds
+        theirs = netns_of(pid)
+    except OSError as exc:
+        raise Refused(f"cannot tell the caller's network namespace: {exc}") from None
+    if req.netns != mine or theirs != mine:
+        raise Refused("caller is in another network namespace")
+    if _state_dir(req.env) != state_dir:
+        raise Refused("caller's settings name another state directory, or are invalid")
+    return req
 
 
 def _state_dir(env: Mapping[bytes, bytes]) -> Path | None:
     """The state directory this caller's settings name; None when they are invalid
-    (the entry point will say so, exactly as in-process)."""
+    (refused: the hook's own run says what is wrong, as it always has)."""
     from nichooks import settings as settingsmod
     from nichooks.errors import NicHooksError
 
@@ -191,15 +198,16 @@ def serve(conn: socket.socket, state_dir: Path,
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     try:
-        conn.settimeout(READ_TIMEOUT)
         try:
-            req, fds = admit(conn, state_dir)
+            req = admit(conn, state_dir)
         except Refused as exc:
             log.warning("serve", result="refused", cause=str(exc))
             refuse(conn, str(exc))
             os._exit(0)
         conn.sendall(ACCEPTED)
-        if conn.recv(1) != GO:  # the caller gave up waiting and runs the call itself
+        conn.settimeout(READ_TIMEOUT)
+        fds = go(conn)
+        if fds is None:  # the caller gave up waiting and runs the call itself
             log.warning("serve", result="caller gave up waiting", entry=req.entry, peer=req.peer)
             os._exit(0)
         conn.settimeout(None)
@@ -235,11 +243,14 @@ def run_as_caller(req: Request, fds: list[int],
     try:
         status = entries[req.entry](req.argv)
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
+        status = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # the entry points catch their own; this is a bug
-        print(f"nichooks: internal error in the agent's run of {req.entry}: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
+        try:
+            print(f"nichooks: internal error in the agent's run of {req.entry}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        except (OSError, ValueError):
+            pass  # a broken stderr must not keep the status from the caller
     # Flush and close the caller's pipes before answering: its output ends when it
     # learns the status, as for a direct run.
     for stream in (sys.stdout, sys.stderr):

@@ -9,7 +9,8 @@ OVSDB connections (a child must never share those). It serves calls concurrently
 call's process takes the NIC's lock files exactly as an in-process hook does.
 
 The server ends when the agent does (its end of a pipe closes, even on SIGKILL), and
-then waits up to DRAIN seconds for the calls in flight: they finish, they are not cut.
+then waits up to DRAIN seconds for the calls in flight: an orderly stop does not cut
+them (under systemd's KillMode=mixed, a crash of the agent does: docs/agent.md).
 """
 
 from __future__ import annotations

@@ -51,13 +51,18 @@ results["added"] = same(mirror, tables)
 ip("route", "replace", "10.0.0.1/32", "dev", "b0", "table", "100", "proto", "241")
 ip("-6", "route", "replace", "2001:db8:1::1/128", "dev", "b0", "table", "100", "proto", "241")
 results["replaced"] = same(mirror, tables)
+ip("route", "append", "10.0.0.1/32", "dev", "a0", "table", "100", "proto", "241")
+results["appended"] = same(mirror, tables)
+ip("route", "del", "10.0.0.1/32", "dev", "a0", "table", "100")
+results["one of two deleted"] = same(mirror, tables)
+ip("route", "add", "10.5.5.5/32", "dev", "a0", "table", "100", "scope", "host")
 ip("route", "del", "10.0.0.2/32", "table", "200")
 ip("-6", "route", "del", "2001:db8:1::1/128", "table", "100")
 ip("link", "del", "b0")   # IPv4 drops its routes without an event per route
 results["deleted"] = same(mirror, tables)
 batch([f"route add 10.1.{i // 250}.{i % 250}/32 dev a0 table 100 proto 241" for i in range(3000)])
 results["burst"] = same(mirror, tables)
-ip("link", "set", "a0", "down")   # IPv4 drops a0's routes without an event per route
+ip("link", "set", "a0", "down")   # IPv4 drops a0's routes without an event, not scope host
 results["down"] = same(mirror, tables)
 ip("link", "set", "a0", "up")
 results["up"] = same(mirror, tables)
@@ -66,7 +71,8 @@ print(json.dumps(results))
 """
 
 
-ALL = dict.fromkeys(("added", "replaced", "deleted", "burst", "down", "up", "valid"), True)
+ALL = dict.fromkeys(("added", "replaced", "appended", "one of two deleted", "deleted", "burst",
+                     "down", "up", "valid"), True)
 
 
 def probe(ns: Netns, rcvbuf: int) -> dict[str, bool]:

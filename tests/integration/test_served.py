@@ -161,7 +161,7 @@ def _request(payload: bytes, length: int | None = None) -> bytes:
 @pytest.mark.parametrize("data, with_fds, cause", [
     (b"GET / HTTP/1.0\r\n\r\n", True, "not a nichooks request"),
     (_request(b"x" * 10, length=64 * 1024 * 1024), True, "request too large"),
-    (_request(b"kvm_ifup\x001:2\x00/\x0022\x001\x00kvm-ifup"), False, "stdin, stdout and stderr"),
+    (_request(b"kvm_ifup\x001:2\x00/\x0022\x001\x00kvm-ifup"), False, "another network namespace"),
     (_request(b"rm_rf\x001:2\x00/\x0022\x001\x00x"), True, "unknown entry point"),
     (_request(b"kvm_ifup\x00;id\x00/\x0022\x001\x00kvm-ifup"), True, "malformed network namespace"),
     (_request(b"kvm_ifup\x001:2\x00/\x0022\x009\x00kvm-ifup"), True, "malformed argv"),
@@ -195,6 +195,46 @@ def test_bad_requests_are_refused(site: Site, tmp_path: Path, data: bytes, with_
         assert parent_of_call(out) != proc.pid  # served
         assert agent.alive()
         assert site.hook("kvm-ifdown", "tap0").returncode == 0
+
+
+NO_STDIO_GO = r"""
+import os, socket, struct, sys
+path, env = sys.argv[1], sys.argv[2:]
+mine = os.stat("/proc/self/ns/net")
+body = b"\0".join([b"kvm_ifup", b"%d:%d" % (mine.st_dev, mine.st_ino), b"/", b"22", b"2",
+                   b"kvm-ifup", b"tap0", *(e.encode() for e in env)])
+for fds in ([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", 0, 1))]):
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(10)
+    conn.connect(path)
+    conn.sendall(b"NICHOOKS1\n" + struct.pack(">I", len(body)) + body)
+    answer = conn.recv(1)
+    if answer == b"A":
+        conn.sendmsg([b"G"], fds)
+        rest = conn.recv(16)
+        print("accepted", "answered" if rest else "closed")
+    else:
+        print("refused", answer)
+    conn.close()
+"""
+
+
+def test_a_go_without_the_callers_stdio_is_not_run(site: Site, tmp_path: Path) -> None:
+    """A well-formed request from the agent's namespace is accepted; a `G` without
+    exactly three descriptors ends the call's process without running anything."""
+    site.add_bridge("br0")
+    site.add_tap()
+    out = record_parent(site)
+    with running(served_agent(site, tmp_path)) as agent:
+        sock = wait_socket(site)
+        before = site.host.snapshot()
+        env = [f"{k}={v}" for k, v in site.env().items()]
+        run = site.host.run(sys.executable, "-c", NO_STDIO_GO, str(sock), *env, check=False)
+        assert run.stdout.split("\n")[:2] == ["accepted closed", "accepted closed"], run
+        assert site.host.snapshot() == before
+        assert names_in(site.state, "nics") == []
+        assert not out.exists()
+        assert agent.alive()
 
 
 def test_half_sent_request_holds_up_nobody(site: Site, tmp_path: Path) -> None:
@@ -460,3 +500,24 @@ def test_hostile_bytes_on_the_socket(site: Site, tmp_path: Path) -> None:
         assert site.hook("kvm-ifdown", "tap0").returncode == 0
         refused = sum(a.startswith(b"R") for a in answers)
         print(f"hostile requests: {len(answers)}, refused with a reason: {refused}")
+
+
+def test_agent_exits_when_its_hook_server_dies(site: Site, tmp_path: Path) -> None:
+    """Nobody would accept on the socket any more: the agent says so and exits 1, for
+    systemd to start it again; the hooks meanwhile run in-process."""
+    agent = served_agent(site, tmp_path)
+    agent.start()
+    try:
+        wait_socket(site)
+        assert agent.proc is not None
+        server = _children(agent.proc.pid)
+        assert len(server) == 1, server
+        os.kill(server[0], signal.SIGKILL)
+        assert agent.proc.wait(timeout=30) == 1
+    finally:
+        agent.stop()
+    assert "hook server died" in agent.log()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

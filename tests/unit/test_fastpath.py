@@ -86,14 +86,15 @@ def test_the_fast_path_imports_only_built_in_modules(tmp_path: Path) -> None:
 
     def agent() -> None:
         conn, _ = listener.accept()
-        data, ancdata, _flags, _addr = conn.recvmsg(1 << 16, socket.CMSG_SPACE(12))
-        got["fds"] = [struct.unpack("3i", blob)[:3] for _l, _t, blob in ancdata]
-        for _l, _t, blob in ancdata:
-            for fd in struct.unpack("3i", blob):
-                os.close(fd)
-        got["data"] = data
+        data, early, _flags, _addr = conn.recvmsg(1 << 16, socket.CMSG_SPACE(12))
+        got["data"], got["early"] = data, early  # no descriptors before the go
         conn.sendall(b"A")
-        got["go"] = conn.recv(1)
+        go, ancdata, _flags, _addr = conn.recvmsg(1, socket.CMSG_SPACE(12))
+        got["go"] = go
+        got["fds"] = [struct.unpack("3i", blob) for _l, _t, blob in ancdata]
+        for fds in got["fds"]:  # type: ignore[attr-defined]
+            for fd in fds:
+                os.close(fd)
         conn.sendall(bytes([7]))
         conn.close()
 
@@ -107,6 +108,7 @@ def test_the_fast_path_imports_only_built_in_modules(tmp_path: Path) -> None:
     listener.close()
     assert run.returncode == 7, run.stderr
     assert got["go"] == b"G" and len(got["fds"]) == 1  # type: ignore[arg-type]
+    assert got["early"] == []
     assert b"kvm_ifup\0" in got["data"]  # type: ignore[operator]
     bare = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", "pass"],
                           capture_output=True, text=True, timeout=30)
