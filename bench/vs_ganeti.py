@@ -39,8 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crowd import ovs_ports, routed_nics, routed_uplink
-from serving import Agent
+from serving import rss_mib
 
+from tests.integration.agent_env import AgentProc
 from tests.integration.ovs_env import Switch
 from tests.support.hooks import bin_path
 from tests.support.netns import Netns
@@ -294,13 +295,14 @@ def measure(mode: str, others: int, pairs: int, stock_ifup: Path, tmp: Path
     out: dict[str, list[float]] = {k: [] for k in ("stock", "ifup", "ifdown", "ifup+a", "ifdown+a")}
     name = f"nichooks-bench-{os.getpid()}-{mode[:5]}"
     world: World | None = None
-    agent: Agent | None = None
+    agent: AgentProc | None = None
     rss = 0.0
     try:
         ns = Netns(name)
         world = BUILDERS[mode](ns, others, root)
         stock_env, served_env, cold_env = envs(world, root)
-        agent = Agent(ns, served_env, root / "state")
+        agent = AgentProc(ns, served_env, root / "agent.log")
+        agent.start()  # stopped in `finally` even when it does not start
         for _ in range(pairs):
             fresh_tap(ns)
             out["stock"].append(timed(world, str(stock_ifup), stock_env))
@@ -316,7 +318,8 @@ def measure(mode: str, others: int, pairs: int, stock_ifup: Path, tmp: Path
                 out["ifdown" + suffix].append(timed(world, bin_path("kvm-ifdown"), env))
                 if world.plugged():
                     raise RuntimeError(f"{mode}: nichooks kvm-ifdown left {TAP} plugged")
-        rss = agent.rss_mib()
+        assert agent.proc is not None
+        rss = rss_mib(agent.proc.pid)
     finally:
         if agent is not None:
             agent.stop()
@@ -334,7 +337,7 @@ def evacuate(stock_ifup: Path, tmp: Path, count: int, parallel: int) -> dict[str
     dirs(root)
     name = f"nichooks-bench-{os.getpid()}-evac"
     out: dict[str, float] = {}
-    agent: Agent | None = None
+    agent: AgentProc | None = None
     try:
         ns = Netns(name)
         world = build_bridged(ns, 0, root)
@@ -344,7 +347,8 @@ def evacuate(stock_ifup: Path, tmp: Path, count: int, parallel: int) -> dict[str
             nic = {"INTERFACE": f"e{i}", "MAC": f"aa:00:00:{i // 65536:02x}:{i // 256 % 256:02x}:"
                    f"{i % 256:02x}", "INTERFACE_UUID": str(uuid.UUID(int=i + 1))}
             calls.append((f"e{i}", envs(world, root, **nic)))
-        agent = Agent(ns, calls[0][1][1], root / "state")
+        agent = AgentProc(ns, calls[0][1][1], root / "agent.log")
+        agent.start()
 
         def wall(script: str, which: int) -> float:
             start = time.perf_counter()
@@ -358,7 +362,8 @@ def evacuate(stock_ifup: Path, tmp: Path, count: int, parallel: int) -> dict[str
         out["stock"] = wall(str(stock_ifup), 0)
         detach()
         out["served"] = wall(bin_path("kvm-ifup"), 1)
-        out["rss"] = agent.rss_mib()
+        assert agent.proc is not None
+        out["rss"] = rss_mib(agent.proc.pid)
         out["served ifdown"] = wall(bin_path("kvm-ifdown"), 1)
         out["cold"] = wall(bin_path("kvm-ifup"), 2)
     finally:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from tests.support.hooks import bin_path, wait_for
 from tests.support.netns import Netns
+from tests.support.procs import terminate
 
 
 class AgentProc:
@@ -32,13 +32,7 @@ class AgentProc:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=10)
         self._log.close()
         return self.proc.returncode
 

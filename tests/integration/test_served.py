@@ -24,6 +24,7 @@ from tests.integration.agent_env import AgentProc
 from tests.integration.bridged_env import Site
 from tests.support.hooks import bin_path, hook_env, one_line, wait_for
 from tests.support.netns import Netns
+from tests.support.procs import children
 from tests.support.scripts import write_script
 from tests.support.state import names_in
 
@@ -34,16 +35,12 @@ def served_agent(site: Site, tmp: Path) -> AgentProc:
     return AgentProc(site.host, site.env(), tmp / "agent.log")
 
 
-def ppid_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def ancestors(pid: int) -> list[int]:
-    out = []
-    while pid > 1:
-        out.append(pid)
-        pid = ppid_of(pid)
-    return out
+def start_hook(ns: Netns, hook: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A hook run in `ns` as Ganeti runs it, left running: its pid, output and status
+    are the test's to read."""
+    return subprocess.Popen(["ip", "netns", "exec", ns.name, bin_path(hook), *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def record_parent(site: Site, action: str = "up") -> Path:
@@ -90,9 +87,7 @@ def test_served_call_is_the_direct_call(site: Site, tmp_path: Path) -> None:
     with running(served_agent(site, tmp_path)) as agent:
         wait_socket(site)
         assert agent.proc is not None
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "-v",
-                                 "tap0"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "-v", "tap0", env=env)
         stdout, stderr = proc.communicate(timeout=60)
         assert (proc.returncode, stdout, stderr) == (0, direct.stdout, direct.stderr)
         assert "event=ifup result=ok" in stderr
@@ -125,9 +120,7 @@ def test_other_namespace_runs_in_process(site: Site, tmp_path: Path) -> None:
         agent = AgentProc(elsewhere, site.env(), tmp_path / "agent.log")
         with running(agent):
             wait_socket(site)
-            proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"),
-                                     "tap0"], env=site.env(), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
             _stdout, stderr = proc.communicate(timeout=60)
             assert proc.returncode == 0, stderr
             assert parent_of_call(out) == proc.pid  # ran in the hook's own process
@@ -188,9 +181,7 @@ def test_bad_requests_are_refused(site: Site, tmp_path: Path, data: bytes, with_
         assert cause.encode() in answer, answer
         assert site.host.snapshot() == before
         assert names_in(site.state, "nics") == []
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         assert proc.wait(timeout=60) == 0
         assert parent_of_call(out) != proc.pid  # served
         assert agent.alive()
@@ -248,9 +239,7 @@ def test_half_sent_request_holds_up_nobody(site: Site, tmp_path: Path) -> None:
         stalled = _raw(sock)
         stalled.sendmsg([_request(b"kvm_ifup\x00", length=1000)],
                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))])
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         assert proc.wait(timeout=60) == 0
         assert parent_of_call(out) != proc.pid
         assert _answer(stalled).startswith(b"R")  # after the read timeout
@@ -306,9 +295,7 @@ def test_agent_killed_mid_call(site: Site, tmp_path: Path) -> None:
     agent.start()
     try:
         wait_socket(site)
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         wait_for("the served call to reach its custom script", out.exists, timeout=30)
         assert agent.proc is not None
         _kill_tree(agent.proc.pid)
@@ -327,21 +314,12 @@ def test_agent_killed_mid_call(site: Site, tmp_path: Path) -> None:
 
 def _kill_tree(pid: int) -> None:
     """SIGKILL `pid` and every process below it, children first."""
-    children = [int(p.name) for p in Path("/proc").iterdir()
-                if p.name.isdigit() and _safe_ppid(int(p.name)) == pid]
-    for child in children:
+    for child in children(pid):
         _kill_tree(child)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _safe_ppid(pid: int) -> int:
-    try:
-        return ppid_of(pid)
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def test_agent_killed_alone_lets_the_call_finish(site: Site, tmp_path: Path) -> None:
@@ -357,9 +335,7 @@ def test_agent_killed_alone_lets_the_call_finish(site: Site, tmp_path: Path) -> 
     agent.start()
     try:
         wait_socket(site)
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         wait_for("the served call to reach its custom script", out.exists, timeout=30)
         assert agent.proc is not None
         os.kill(agent.proc.pid, signal.SIGKILL)
@@ -389,9 +365,7 @@ def test_agent_restarted_under_load(site: Site, tmp_path: Path) -> None:
                         MAC=f"aa:00:00:00:01:{n:02x}")
 
     def burst(hook: str) -> list[subprocess.Popen[str]]:
-        return [subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path(hook), f"tap{n}"],
-                                 env=env(n), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for n in range(count)]
+        return [start_hook(site.host, hook, f"tap{n}", env=env(n)) for n in range(count)]
 
     for hook in ("kvm-ifup", "kvm-ifdown"):
         first = served_agent(site, tmp_path)
@@ -440,9 +414,7 @@ def test_socket_activation(site: Site, tmp_path: Path) -> None:
     try:
         wait_for("the agent to start", lambda: "result=started" in
                  (tmp_path / "agent.log").read_text(), timeout=20)
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         assert proc.wait(timeout=60) == 0
         assert parent_of_call(out) != proc.pid  # served
         assert site.host.link("tap0").get("master") == "br0"
@@ -492,9 +464,7 @@ def test_hostile_bytes_on_the_socket(site: Site, tmp_path: Path) -> None:
         assert site.host.snapshot() == before
         assert names_in(site.state, "nics") == []
         assert agent.alive()
-        proc = subprocess.Popen(["ip", "netns", "exec", site.host.name, bin_path("kvm-ifup"), "tap0"],
-                                env=site.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_hook(site.host, "kvm-ifup", "tap0", env=site.env())
         assert proc.wait(timeout=60) == 0
         assert parent_of_call(out) != proc.pid
         assert site.hook("kvm-ifdown", "tap0").returncode == 0
@@ -510,14 +480,10 @@ def test_agent_exits_when_its_hook_server_dies(site: Site, tmp_path: Path) -> No
     try:
         wait_socket(site)
         assert agent.proc is not None
-        server = _children(agent.proc.pid)
+        server = children(agent.proc.pid)
         assert len(server) == 1, server
         os.kill(server[0], signal.SIGKILL)
         assert agent.proc.wait(timeout=30) == 1
     finally:
         agent.stop()
     assert "hook server died" in agent.log()
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

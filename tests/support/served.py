@@ -10,11 +10,12 @@ there before the hook starts, or the hook would quietly run in-process)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from tests.support.procs import terminate
 
 SERVED = os.environ.get("NICHOOKS_TEST_SERVED") == "1"
 HOOKS = ("kvm-ifup", "kvm-ifdown", "vif-ganeti")
@@ -54,10 +55,4 @@ def ensure(ns_name: str, env: Mapping[str, str] | None) -> None:
 
 def stop(ns_name: str) -> None:
     for proc in _AGENTS.pop(ns_name, {}).values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout=40)
