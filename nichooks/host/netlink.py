@@ -60,6 +60,11 @@ NTF_PROXY = 0x08
 RT_SCOPE_LINK = 253
 
 
+# The agent's copy of the routes (host/routemirror.py), set in its hook server and so
+# inherited by every served call's process; None everywhere else.
+ROUTE_COPY: Any = None
+
+
 def family_of(addr: str) -> int:
     return AF_INET6 if ":" in addr else AF_INET
 
@@ -214,9 +219,7 @@ class Netlink:
     def recent_routes(self, family: int, table: int) -> list[dict[str, Any]] | None:
         """The table as the agent's copy had it just before this process was forked
         (a served call; host/routemirror.py), or None: ask the kernel."""
-        from nichooks.host import routemirror
-
-        return routemirror.MIRROR.table(family, table) if routemirror.MIRROR else None
+        return ROUTE_COPY.table(family, table) if ROUTE_COPY is not None else None
 
     def routes_via(self, family: int, table: int, oif: int) -> list[dict[str, Any]]:
         """The routes of one table through one device. The kernel filters the dump
@@ -263,15 +266,18 @@ class Netlink:
                    family=family_of(addr))
 
 
+def route_dict(msg: Any) -> dict[str, Any]:
+    """A route as the plan and the steps read it (also the agent's route copy)."""
+    return {"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"], "oif": msg.get("RTA_OIF"),
+            "proto": msg["proto"], "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"]}
+
+
+def route_table(msg: Any) -> int:
+    return int(msg.get("RTA_TABLE") or msg["table"])
+
+
 def _route_dicts(msgs: Any, table: int) -> list[dict[str, Any]]:
-    out = []
-    for msg in msgs:
-        if (msg.get("RTA_TABLE") or msg["table"]) != table:
-            continue
-        out.append({"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"],
-                    "oif": msg.get("RTA_OIF"), "proto": msg["proto"],
-                    "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"]})
-    return out
+    return [route_dict(msg) for msg in msgs if route_table(msg) == table]
 
 
 def default_dev_in(routes: list[dict[str, Any]]) -> int | None:

@@ -22,15 +22,14 @@ import errno
 import socket
 from typing import Any
 
+from nichooks.host.netlink import route_dict, route_table
+
 RTMGRP_LINK, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x40, 0x400
 NLM_F_REPLACE = 0x100
 IFF_UP = 0x1
 MAX_ROUTES = 200_000
 Key = tuple[Any, ...]
-
-# The copy a served call's process inherits (set in the hook server); None elsewhere.
-MIRROR: RouteMirror | None = None
-
+ROUTE_FIELDS = ("dst", "dst_len", "oif", "proto", "gateway", "type")  # route_dict's keys
 
 RT_SCOPE_HOST = 254
 
@@ -40,9 +39,8 @@ class TooBig(Exception):
 
 
 def _route(msg: Any) -> dict[str, Any]:
-    return {"dst": msg.get("RTA_DST"), "dst_len": msg["dst_len"], "oif": msg.get("RTA_OIF"),
-            "proto": msg["proto"], "gateway": msg.get("RTA_GATEWAY"), "type": msg["type"],
-            "table": msg.get("RTA_TABLE") or msg["table"], "family": msg["family"],
+    """The route as Netlink.routes gives it, with what the copy is kept by."""
+    return {**route_dict(msg), "table": route_table(msg), "family": msg["family"],
             "scope": msg["scope"]}
 
 
@@ -164,8 +162,7 @@ class RouteMirror:
         cannot be trusted (ask the kernel)."""
         if not self.valid:
             return None
-        return [{k: r[k] for k in ("dst", "dst_len", "oif", "proto", "gateway", "type")}
-                for r in self.tables.get((family, table), {}).values()]
+        return [{k: r[k] for k in ROUTE_FIELDS} for r in self.tables.get((family, table), {}).values()]
 
     def close(self) -> None:
         self.sock.close()

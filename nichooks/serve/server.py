@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from nichooks.errors import PlumbingError
-from nichooks.host import routemirror
+from nichooks.host import netlink, routemirror
 from nichooks.log import HookLog
 from nichooks.serve.request import serve
 
@@ -112,12 +112,13 @@ def spawn(listener: socket.socket, state_dir: Path, entries: Entries,
 def start_mirror(log: HookLog) -> routemirror.RouteMirror | None:
     """The route copy every call's process inherits (host/routemirror.py)."""
     try:
-        routemirror.MIRROR = routemirror.RouteMirror()
+        mirror: routemirror.RouteMirror | None = routemirror.RouteMirror()
     except Exception as exc:
         log.warning("serve", result="no route copy: routed plans dump their table",
                     cause=str(exc))
-        routemirror.MIRROR = None
-    return routemirror.MIRROR
+        mirror = None
+    netlink.ROUTE_COPY = mirror
+    return mirror
 
 
 class Server:
@@ -199,7 +200,7 @@ class Server:
         except Exception as exc:  # a copy we cannot keep is a copy we do not use
             self.log.warning("serve", result="route copy dropped", cause=str(exc))
             self.mirror.close()
-            self.mirror = routemirror.MIRROR = None
+            self.mirror = netlink.ROUTE_COPY = None
 
     def reap(self) -> None:
         for pid in list(self.calls):
