@@ -7,7 +7,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 venv="$here/.venv"
-debs=(python3 python3-venv iproute2 iputils-ping procps kmod openvswitch-switch qemu-system-x86 strace)
+debs=(python3 python3-venv iproute2 iputils-ping procps kmod openvswitch-switch qemu-system-x86 strace
+      nftables python3-nftables)
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then

@@ -33,9 +33,11 @@ DEFAULTS: dict[str, str] = {
     "NICHOOKS_MANAGE_SYSCTLS": "no",
     "NICHOOKS_ANNOUNCE": "1",
     "NICHOOKS_IPROUTE2_DIR": "/etc/iproute2",
+    # every mode: anti-spoofing filters (nftables; OpenFlow flows in openvswitch mode)
+    "NICHOOKS_ANTISPOOF": "on",
     # openvswitch mode
     "NICHOOKS_OVS_TIMEOUT": "10",
-    "NICHOOKS_OVS_ANTISPOOF": "on",
+    "NICHOOKS_OVS_ANTISPOOF": "",  # deprecated alias of NICHOOKS_ANTISPOOF
     "NICHOOKS_OVS_MTU": "",
     # the agent
     "NICHOOKS_AGENT_INTERVAL": "2",
@@ -65,7 +67,7 @@ class Settings:
     announce: bool
     iproute2_dir: Path
     ovs_timeout: float
-    ovs_antispoof: str  # on (MAC and known IPs), mac (MAC only), off
+    antispoof: str  # on (MAC and known IPs), mac (MAC only), off: every mode
     ovs_mtu: int | None  # None: the bridge's MTU
     agent_interval: float
     sources: Mapping[str, str]  # setting -> "env", "file <path>" or "default"
@@ -206,6 +208,15 @@ def _uplink(name: str, text: str) -> str | None:
     return ifname(name, text)
 
 
+def _antispoof(values: Mapping[str, str], sources: Mapping[str, str]) -> str:
+    """NICHOOKS_ANTISPOOF, or the deprecated NICHOOKS_OVS_ANTISPOOF where only that one
+    is set (it meant the same for openvswitch NICs before every mode was filtered)."""
+    name = "NICHOOKS_ANTISPOOF"
+    if sources[name] == "default" and values["NICHOOKS_OVS_ANTISPOOF"]:
+        name = "NICHOOKS_OVS_ANTISPOOF"
+    return _choice(name, values[name], ("on", "mac", "off"))
+
+
 def effective(env: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
     """(name, value, where it came from) for every setting, for `nichooks config`."""
     settings = load(env)
@@ -259,8 +270,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         iproute2_dir=Path(values["NICHOOKS_IPROUTE2_DIR"]),
         ovs_timeout=_number("NICHOOKS_OVS_TIMEOUT", values["NICHOOKS_OVS_TIMEOUT"],
                             sources["NICHOOKS_OVS_TIMEOUT"]),
-        ovs_antispoof=_choice("NICHOOKS_OVS_ANTISPOOF", values["NICHOOKS_OVS_ANTISPOOF"],
-                              ("on", "mac", "off")),
+        antispoof=_antispoof(values, sources),
         ovs_mtu=(_int("NICHOOKS_OVS_MTU", values["NICHOOKS_OVS_MTU"], 68, 65535)
                  if values["NICHOOKS_OVS_MTU"] else None),
         agent_interval=_number("NICHOOKS_AGENT_INTERVAL", values["NICHOOKS_AGENT_INTERVAL"],

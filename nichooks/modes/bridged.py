@@ -3,8 +3,9 @@
 Order matters: the tap's MAC is moved out of the guest's range (first
 octet fe, so the bridge never adopts a guest tap's MAC as its own), the MTU is
 copied from the bridge before enslaving (a smaller port MTU would lower the
-bridge's), VLAN entries are set while the port is still down, and only then is the
-port brought up.
+bridge's), the guest's nftables filter is in place before the tap joins the bridge
+(host/steps/nftfilter.py), VLAN entries are set while the port is still down, and
+only then is the port brought up.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ from typing import TYPE_CHECKING, Any
 from nichooks.engine.plan import Plan
 from nichooks.engine.records import Step, rebuilds
 from nichooks.errors import PlumbingError
-from nichooks.host.netlink import LinkState
+from nichooks.host.netlink import AF_INET6, LinkState, conf_key
+from nichooks.host.steps import nftfilter
 from nichooks.host.steps.link import BridgeVlans, SetLink, describe_non_bridge
+from nichooks.host.steps.nftfilter import NicFilter, nic_filter
+from nichooks.host.steps.sysctl import Sysctl
 from nichooks.model.nic import Nic
 from nichooks.modes.base import Mode
 
 if TYPE_CHECKING:
+    from nichooks.engine.actions import Action
     from nichooks.engine.journal import Journal
+    from nichooks.engine.store import Store
     from nichooks.host.host import Host
+    from nichooks.log import HookLog
     from nichooks.settings import Settings
 
 
@@ -51,15 +58,24 @@ def preflight(nic: Nic, net: Host) -> tuple[LinkState, LinkState]:
 
 def plan(nic: Nic, net: Host) -> Plan:
     bridge, tap = preflight(nic, net)
+    guard = nic_filter(nic, "bridge", net)  # a malformed nichooks: tag stops us here
     steps: list[Step] = [
         SetLink(nic.tap, "mac", "fe" + tap.mac[2:]),
         SetLink(nic.tap, "mtu", bridge.mtu),
-        SetLink(nic.tap, "master", bridge.index, shown=bridge.name),
+        # the host must not autoconfigure (nor answer DAD) on a guest's port
+        Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "disable_ipv6"), "1"),
     ]
+    notes = []
+    if guard is None:
+        notes.append("no anti-spoofing filter (NICHOOKS_ANTISPOOF=off or tag "
+                     "nichooks:antispoof:off)")
+    else:
+        steps.append(NicFilter(guard))  # before the tap joins the bridge
+    steps.append(SetLink(nic.tap, "master", bridge.index, shown=bridge.name))
     if nic.vlan is not None:
         steps.append(BridgeVlans(nic.tap, nic.vlan.access, nic.vlan.trunks))
     steps.append(SetLink(nic.tap, "up", True))
-    return Plan(mode="bridged", nic_label=nic.label(), steps=steps)
+    return Plan(mode="bridged", nic_label=nic.label(), steps=steps, notes=notes)
 
 
 class Bridged(Mode):
@@ -74,6 +90,13 @@ class Bridged(Mode):
 
     def watched_links(self, journal: Journal) -> set[str]:
         return {journal.link} if journal.link else set()
+
+    def audit(self, journals: list[Journal], net: Host, settings: Settings) -> set[str]:
+        return nftfilter.audit(journals, net, "bridge")
+
+    def orphans(self, store: Store, net: Host, settings: Settings, *, dry_run: bool,
+                log: HookLog) -> list[Action]:
+        return nftfilter.sweep(store, net, settings, "bridge", dry_run=dry_run, log=log)
 
 
 @rebuilds("bridge.vlans")

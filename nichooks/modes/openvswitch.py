@@ -23,8 +23,9 @@ from nichooks.host.openflow import cookie
 from nichooks.host.ovsdb_view import owned_ports
 from nichooks.host.steps.link import SetLink
 from nichooks.host.steps.ovs import OvsFlows, OvsPort
-from nichooks.model.addresses import guest_addresses
+from nichooks.model.addresses import LINK_LOCAL, eui64
 from nichooks.model.nic import Nic
+from nichooks.model.policy import filter_policy
 from nichooks.modes.base import Mode
 from nichooks.modes.ovs_policy import flows_withheld, ovs_present
 
@@ -69,11 +70,16 @@ def port_spec(nic: Nic, bridge: str, mtu: int | None) -> db.PortSpec:
         port_external_ids={db.OWNER: nic.key})
 
 
-def flows(nic: Nic, bridge: str, settings: Settings) -> OvsFlows:
-    v4, v6 = guest_addresses(nic)
+def flows(nic: Nic, bridge: str, settings: Settings) -> OvsFlows | None:
+    """The NIC's anti-spoofing flows under the host's setting and its instance tags
+    (model/policy.py), or None when a tag turns them off for this instance."""
+    policy = filter_policy(nic, settings.antispoof)
+    if policy.level == "off":
+        return None
+    link_local = eui64(LINK_LOCAL, nic.mac)  # the flows add it themselves
     return OvsFlows(bridge=bridge, port=nic.tap, cookie=cookie(nic.key), mac=nic.mac,
-                    ipv4=v4, ipv6=v6, trunks=nic.vlan.trunks if nic.vlan else (),
-                    mode=settings.ovs_antispoof)
+                    ipv4=policy.ipv4, ipv6=tuple(a for a in policy.ipv6 if a != link_local),
+                    trunks=nic.vlan.trunks if nic.vlan else (), mode=policy.level)
 
 
 def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
@@ -104,10 +110,13 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     ]
     notes: list[str] = []
     withheld = flows_withheld(settings, bridge)
+    wanted = flows(nic, nic.link, settings)
     if withheld:
         notes.append(withheld)
+    elif wanted is None:
+        notes.append("anti-spoofing flows are off for this instance (tag nichooks:antispoof:off)")
     else:
-        steps.append(flows(nic, nic.link, settings))
+        steps.append(wanted)
     steps.append(SetLink(nic.tap, "up", True))
     return Plan(mode="openvswitch", nic_label=label, steps=steps, notes=notes)
 
@@ -124,11 +133,11 @@ def rebuild_port(undo: dict[str, Any], nic: Nic, net: Host) -> OvsPort:
 @rebuilds("ovs.flows")
 def rebuild_flows(undo: dict[str, Any], nic: Nic, net: Host) -> OvsFlows | None:
     bridge = net.ovsdb().bridge(str(undo["bridge"]))
-    if net.settings.ovs_antispoof == "off" or (
+    if net.settings.antispoof == "off" or (
             bridge is not None and flows_withheld(net.settings, bridge) is not None):
         return None  # the plug's own rule: no flows where a controller filters
     step = flows(nic, str(undo["bridge"]), net.settings)
-    return step if step.cookie == int(undo["cookie"]) else None
+    return step if step is not None and step.cookie == int(undo["cookie"]) else None
 
 
 class OpenVswitch(Mode):

@@ -13,8 +13,8 @@ def flows_withheld(settings: Settings, bridge: db.BridgeInfo) -> str | None:
     """Why a plug adds no anti-spoofing flows on this bridge, or None if it adds them.
     One rule for both sides: the sweep deletes flows only where a plug adds them, so
     a flow on any other bridge is someone else's whatever its cookie says."""
-    if settings.ovs_antispoof == "off":
-        return "anti-spoofing flows are off (NICHOOKS_OVS_ANTISPOOF=off)"
+    if settings.antispoof == "off":
+        return "anti-spoofing flows are off (NICHOOKS_ANTISPOOF=off)"
     managed = bridge.controller_managed
     if managed:
         return f"no anti-spoofing flows: {managed}; filtering is left to the controller"

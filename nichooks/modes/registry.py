@@ -38,6 +38,7 @@ KIND_PLACES = {
     "route.proxy": "nichooks.host.steps.routing",
     "ovs.port": "nichooks.modes.openvswitch",
     "ovs.flows": "nichooks.modes.openvswitch",
+    "nft.filter": "nichooks.host.steps.nftfilter",
 }
 
 

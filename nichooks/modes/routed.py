@@ -29,7 +29,9 @@ from nichooks.engine.plan import Plan
 from nichooks.engine.records import Step
 from nichooks.errors import NicHooksError, PlumbingError
 from nichooks.host.netlink import AF_INET, AF_INET6, conf_key, default_dev_in, sysctl_name, sysctl_read
+from nichooks.host.steps import nftfilter
 from nichooks.host.steps.link import SetLink
+from nichooks.host.steps.nftfilter import NicFilter, nic_filter
 from nichooks.host.steps.routing import (
     FAMILY_NAME,
     GATEWAY6,
@@ -48,7 +50,9 @@ from nichooks.modes.base import Mode
 from nichooks.settings import Settings
 
 if TYPE_CHECKING:
+    from nichooks.engine.actions import Action
     from nichooks.engine.journal import Journal
+    from nichooks.engine.store import Store
     from nichooks.host.host import Host
     from nichooks.log import HookLog
 
@@ -196,6 +200,7 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
                             "NICHOOKS_MANAGE_SYSCTLS=yes to let nichooks set them)",
                             nic=label, step="preflight")
     steps: list[Step] = [SharedSysctl(k, v) for k, v in needs]
+    steps += guard_steps(nic, net, result)
     steps.append(SetLink(nic.tap, "up", True))
     if AF_INET in families:
         steps += [Sysctl(nic.tap, conf_key(AF_INET, nic.tap, "proxy_arp"), "1"),
@@ -231,6 +236,19 @@ def plan(nic: Nic, net: Host, settings: Settings) -> Plan:
     return result
 
 
+def guard_steps(nic: Nic, net: Host, plan: Plan) -> list[Step]:
+    """What keeps a routed guest to its own addresses, before its tap comes up: no
+    router advertisements accepted on the tap, and the nftables filter."""
+    steps: list[Step] = [Sysctl(nic.tap, conf_key(AF_INET6, nic.tap, "accept_ra"), "0")]
+    guard = nic_filter(nic, "inet", net)
+    if guard is None:
+        plan.notes.append("no anti-spoofing filter (NICHOOKS_ANTISPOOF=off or tag "
+                          "nichooks:antispoof:off)")
+    else:
+        steps.append(NicFilter(guard))
+    return steps
+
+
 def deferred_steps(deferred: list[dict[str, str]], proto: int) -> list[Step]:
     return [ProxyNeigh(d["addr"], d["dev"], proto, UPSTREAM) for d in deferred]
 
@@ -246,11 +264,13 @@ class Routed(Mode):
     def plan(self, nic: Nic, net: Host, settings: Settings) -> Plan:
         if nic.device:
             # Only the NIC's main device carries the routes and proxies; the guest talks
-            # through one of the two at a time (the emulated NIC until its PV driver loads).
-            return Plan(mode=self.name, nic_label=nic.label(),
-                        steps=[SetLink(nic.tap, "up", True)],
-                        notes=[f"routed: {nic.tap} is a second device of the NIC; only its "
-                               "main device carries the routes"])
+            # through one of the two at a time (the emulated NIC until its PV driver
+            # loads), so both are filtered.
+            second = Plan(mode=self.name, nic_label=nic.label(),
+                          notes=[f"routed: {nic.tap} is a second device of the NIC; only its "
+                                 "main device carries the routes"])
+            second.steps = [*guard_steps(nic, net, second), SetLink(nic.tap, "up", True)]
+            return second
         return plan(nic, net, settings)
 
     def after_verify(self, plan: Plan, settings: Settings, log: HookLog) -> None:
@@ -265,6 +285,13 @@ class Routed(Mode):
 
     def watched_links(self, journal: Journal) -> set[str]:
         return {dev for dev, _addr in uplink_entries(journal.records, journal.tap)}
+
+    def audit(self, journals: list[Journal], net: Host, settings: Settings) -> set[str]:
+        return nftfilter.audit(journals, net, "inet")
+
+    def orphans(self, store: Store, net: Host, settings: Settings, *, dry_run: bool,
+                log: HookLog) -> list[Action]:
+        return nftfilter.sweep(store, net, settings, "inet", dry_run=dry_run, log=log)
 
 
 def announce(announcements: list[tuple[str, str]], log: HookLog) -> None:

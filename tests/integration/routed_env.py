@@ -63,7 +63,8 @@ def uplink_ready(uplink: str) -> dict[str, str]:
 
 def tap_sysctl_keys(tap: str) -> list[str]:
     return [f"net.ipv4.conf.{tap}.proxy_arp", f"net.ipv4.conf.{tap}.forwarding",
-            f"net.ipv6.conf.{tap}.proxy_ndp", f"net.ipv6.conf.{tap}.forwarding"]
+            f"net.ipv6.conf.{tap}.proxy_ndp", f"net.ipv6.conf.{tap}.forwarding",
+            f"net.ipv6.conf.{tap}.accept_ra"]
 
 
 @dataclass

@@ -43,6 +43,7 @@ Figures, printed with `pytest -s` (2-core machine shared with other test runs, l
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import re
@@ -551,6 +552,13 @@ def play_round(ns: Netns, order: Path, state: Path, rnd: Round, name: str
     return settle_round(order, state, rnd, wave, events)
 
 
+def any_nic(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with the NIC key in nftables chain names blanked: the calls of a
+    round plug the same tap as different NICs, which filter it alike."""
+    text = json.dumps(snapshot["nftables"])
+    return {**snapshot, "nftables": json.loads(re.sub(r"nic-[0-9a-f-]{36}", "nic-KEY", text))}
+
+
 def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
     """Rounds of 8 calls at once (SCENARIOS) to three bridges of different MTUs. After
     each round the journals are exactly those the calls leave replayed in lock order
@@ -566,7 +574,7 @@ def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
     ref: dict[str, dict[str, Any]] = {}
     for bridge in BRIDGE_MTU:
         assert site.hook("kvm-ifup", "ct0", env=bridged_env(site, nics[0], bridge)).returncode == 0
-        ref[bridge] = site.host.snapshot()
+        ref[bridge] = any_nic(site.host.snapshot())
         assert site.hook("kvm-ifdown", "ct0", env=hook_env(site.state, site.conf)).returncode == 0
         assert site.host.snapshot() == before
     order = install_order_script(site.state, site.conf)
@@ -582,8 +590,8 @@ def test_8_competing_calls_for_one_nic_bridged(site: Site) -> None:
                                  f"bridged, 8 competing calls ({scenario})")
             outcomes.append({tap: c.kind for tap, (c, _) in plugged.items()} or "unplugged")
             if scenario not in TWO_TAPS:
-                assert site.host.snapshot() == (ref[plugged["ct0"][0].kind or ""]
-                                                if plugged else before)
+                assert any_nic(site.host.snapshot()) == (ref[plugged["ct0"][0].kind or ""]
+                                                         if plugged else before)
                 continue
             by_nic = {n.tap: n for n in nics}
             where = {tap: c.kind for tap, (c, _) in plugged.items()}

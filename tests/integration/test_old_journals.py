@@ -144,7 +144,9 @@ def bridged_plugged(site: Site, tmp_path: Path, uplink: bool = False
     site.add_tap()
     site.host.ip("link", "set", "tap0", "address", BRIDGED_TAP_MAC)
     before = site.host.snapshot()
-    assert_ok(site.hook("kvm-ifup", "tap0"), "kvm-ifup")
+    # As the version that wrote the fixture plugged it: no filter, no tap sysctl.
+    assert_ok(site.hook("kvm-ifup", "tap0", env=site.env(NICHOOKS_ANTISPOOF="off")), "kvm-ifup")
+    site.host.run("sysctl", "-qw", "net.ipv6.conf.tap0.disable_ipv6=0")
     assert_bridge_port(site.host, "tap0", "br0", BRIDGED_TAP_MAC)
     replace_journal(site.state, "bridged", tap_ifindex=ifindex(site.host, "tap0"),
                     bridge_ifindex=ifindex(site.host, "br0"))
@@ -279,7 +281,10 @@ def routed_plugged(world: World, name: str, **overrides: str
     guest = world.plug(a, nic_uuid=KEY)
     before, sysctls = a.ns.snapshot(), a.sysctls(tap_sysctl_keys("tap0"))
     none = f"unix:{world.tmp / 'no-ovsdb.sock'}"
-    assert_ok(world.ifup(a, guest, NICHOOKS_OVSDB=none, **overrides), "kvm-ifup")
+    # As the version that wrote the fixtures plugged it: no filter, no accept_ra.
+    assert_ok(world.ifup(a, guest, NICHOOKS_OVSDB=none, NICHOOKS_ANTISPOOF="off", **overrides),
+              "kvm-ifup")
+    a.ns.run("sysctl", "-qw", f"net.ipv6.conf.tap0.accept_ra={sysctls['net.ipv6.conf.tap0.accept_ra']}")
     # Deferred entries name the uplink only: routed-pre.json has no uplink ifindex.
     uplink_index = {"uplink_ifindex": ifindex(a.ns, a.uplink)} if name == "routed" else {}
     replace_journal(a.state, name, tap_ifindex=ifindex(a.ns, "tap0"), uplink=a.uplink, **uplink_index)

@@ -111,7 +111,18 @@ class Netns:
         out = subprocess.run(["bridge", "-j", "-n", self.name, "vlan", "show"],
                              capture_output=True, text=True).stdout
         snap["bridge_vlans"] = json.loads(out) if out.strip() else []
+        snap["nftables"] = self.nft_ruleset()
         return snap
+
+    def nft_ruleset(self) -> list[dict[str, Any]]:
+        """The namespace's nftables ruleset (`nft -j list ruleset`), without handles."""
+        out = self.run("nft", "-j", "list", "ruleset").stdout
+        items = json.loads(out).get("nftables", []) if out.strip() else []
+        for item in items:
+            for obj in item.values():
+                if isinstance(obj, dict):
+                    obj.pop("handle", None)
+        return [item for item in items if "metainfo" not in item]
 
 
 def list_netns() -> set[str]:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,7 +22,14 @@ def names_in(state: Path, sub: str) -> list[str]:
     sorted; none when it is not a directory. Reads no file: safe to poll while a hook
     writes, and on a state directory of any shape."""
     d = state / sub
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    try:
+        return sorted(os.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a hostile setting: no such directory can exist
+            return []
+        raise
 
 
 def journal_path(state: Path, key: str) -> Path:

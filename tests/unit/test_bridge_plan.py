@@ -9,6 +9,7 @@ deleted by vid. The refusal path is also proven on the real kernel
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +25,10 @@ from nichooks.modes.registry import nic_from_variables
 
 class FakeNet:
     """Just enough of a host (its `netlink` driver is itself) for bridged plans, with
-    the kernel's VLAN rules."""
+    the kernel's VLAN rules. The tap's sysctl and its nftables filter are planned here
+    and applied only on the real kernel (tests/integration/test_bridge_filter.py)."""
+
+    settings = SimpleNamespace(antispoof="on")
 
     def __init__(self, filtering: bool = True) -> None:
         self.links: dict[int, LinkState] = {}
@@ -99,6 +103,10 @@ def test_plan_as_data_without_vlan() -> None:
     assert plan.as_data() == [
         {"step": "link.mac", "ifname": "tap0", "value": "fe:11:22:33:44:55"},
         {"step": "link.mtu", "ifname": "tap0", "value": 9000},
+        {"step": "sysctl", "key": "net.ipv6.conf.tap0.disable_ipv6", "value": "1"},
+        {"step": "nft.filter", "family": "bridge", "chain": "nic-" + plan_key(),
+         "ifname": "tap0", "level": "on", "mac": "aa:00:00:00:00:01", "ipv4": [], "ipv6": [],
+         "trunks": []},
         {"step": "link.master", "ifname": "tap0", "value": "br0"},
         {"step": "link.up", "ifname": "tap0", "value": True},
     ]
@@ -111,16 +119,21 @@ def test_plan_as_data_without_vlan() -> None:
 def test_plan_vlan_entries_before_up(vlan: str, pvid: int | None, tagged: list[int]) -> None:
     plan = bridge.plan(make_nic(vlan), make_net())
     data = plan.as_data()
-    assert [d["step"] for d in data] == ["link.mac", "link.mtu", "link.master", "bridge.vlans", "link.up"]
-    assert data[3] == {"step": "bridge.vlans", "ifname": "tap0", "pvid_untagged": pvid, "tagged": tagged}
+    assert [d["step"] for d in data] == ["link.mac", "link.mtu", "sysctl", "nft.filter",
+                                         "link.master", "bridge.vlans", "link.up"]
+    assert data[5] == {"step": "bridge.vlans", "ifname": "tap0", "pvid_untagged": pvid, "tagged": tagged}
+    assert data[3]["trunks"] == tagged  # the filter lets tagged frames through for these only
+
+
+def plan_key() -> str:
+    return make_nic().key
 
 
 def run(plan: Any, net: FakeNet) -> list[Any]:
     records = []
-    for step in plan.steps:
+    for step in [s for s in plan.steps if s.kind not in ("sysctl.dev", "nft.filter")]:
         records.append(step.prepare(net))
         step.apply(net)
-    for step in plan.steps:
         assert step.verify(net) is None
     return records
 

@@ -240,7 +240,7 @@ def test_settings_from_a_hostile_environment(tmp_path: Path, changes: dict[str, 
                  loaded.iproute2_dir):
         assert path.is_absolute() and "\n" not in str(path) and len(os.fsencode(str(path))) < 4096
     assert 1 <= loaded.rule_priority <= 32765 and 5 <= loaded.route_proto <= 255
-    assert 0 < loaded.lock_timeout <= 3600 and loaded.ovs_antispoof in ("on", "mac", "off")
+    assert 0 < loaded.lock_timeout <= 3600 and loaded.antispoof in ("on", "mac", "off")
     for uplink in (loaded.uplink4, loaded.uplink6):
         assert uplink is None or validate.ifname("U", uplink) == uplink
 

@@ -65,7 +65,7 @@ def test_flows_are_not_put_back_where_a_controller_filters(
 
 
 def test_flows_are_not_put_back_with_anti_spoofing_off() -> None:
-    host = FakeHost(replace(SETTINGS, ovs_antispoof="off"))
+    host = FakeHost(replace(SETTINGS, antispoof="off"))
     assert kinds.rebuild(flows_record(), NIC, host) is None
 
 
