@@ -125,14 +125,15 @@ class Nft:
         return out
 
     def chains(self, family: str, table: str) -> list[str] | None:
-        """Every chain's name in `table`, or None if there is no such table."""
-        try:
-            found = self.run([{"list": {"table": {"family": family, "name": table}}}])
-        except NftError as exc:
-            if exc.absent:
-                return None
-            raise
-        return [str(item["chain"]["name"]) for item in found if "chain" in item]
+        """Every chain's name in `table`, or None if there is no such table. Lists the
+        family's chains, not the table: listing a table fetches every rule in it."""
+        found = self.run([{"list": {"chains": {"family": family}}}])
+        names = [str(item["chain"]["name"]) for item in found
+                 if "chain" in item and item["chain"].get("table") == table]
+        if names:
+            return names
+        tables = self.run([{"list": {"tables": {"family": family}}}])
+        return [] if any(item.get("table", {}).get("name") == table for item in tables) else None
 
     def close(self) -> None:
         self._ctx = None  # the binding frees its context when the object goes

@@ -7,13 +7,18 @@ called `nichooks` that nothing else uses:
   routing and conntrack) holding a single rule, `iifname vmap @nics`;
 - the verdict map `nics`: tap name -> `goto nic-<journal key>`. One hash lookup per
   packet and one element per plug, however many NICs are filtered;
-- one chain `nic-<journal key>` per NIC, an allow-list ending in `drop`. Every rule
-  carries the comment `nichooks <digest>`: the read-back compares those, because
-  nft normalises expressions when it lists them.
+- one chain `nic-<journal key>` per NIC with only what differs between NICs (its MAC,
+  VLANs and addresses), ending in `goto guest`;
+- two chains every NIC shares: `guest` (what never comes from a guest, neighbour
+  discovery shapes, the allowed protocols, then `drop`) and `unspecified` (what may
+  come from 0.0.0.0 and ::).
+Every rule carries the comment `nichooks <digest>`: the read-back compares those,
+because nft normalises expressions when it lists them.
 
-Drops of what never comes from a guest (router advertisements, redirects, DHCP
-server replies) come first, then the address checks, then the accepts: an early
-accept must not let a forged frame skip a later check.
+Cost stays flat with the number of NICs: no rule uses an anonymous set ("not one of
+these" is a few range matches instead; nftables 1.0.6 fetches every set's elements
+whenever it reads a table), and the NICs' chains stay short (each commit re-validates
+every rule reachable from the base chain).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 TABLE = "nichooks"
 BASE_CHAIN = "pre"
 MAP = "nics"
+DISPATCH = "nichooks dispatch"
 CHAIN_PREFIX = "nic-"
 # bridge: before the bridge's own prerouting work (FDB learning follows the hook);
 # inet: before conntrack (-200), as a raw-priority anti-spoofing chain does.
@@ -41,6 +48,9 @@ ND_LLADDR = (208, 48)
 ND_LENGTHS = (24, 32)          # IPv6 payload length: no option, one 8-byte option
 SLLA, TLLA, NONCE = 0x0101, 0x0201, 0x0E01  # option type << 8 | length (in 8 bytes)
 ARP_SHA_BITS = (64, 48)        # RARP's sender hardware address (network header bits)
+# What a guest without an address yet may send from ::, by ICMPv6 type: MLD reports
+# (131, 143), router and neighbour solicitations (133, 135).
+UNSPECIFIED_ICMPV6 = (131, 133, 135, 143)
 
 Expr = dict[str, Any]
 Rule = list[Expr]
@@ -93,10 +103,6 @@ def meta(key: str) -> Expr:
     return {"meta": {"key": key}}
 
 
-def anyof(values: list[Any]) -> Any:
-    return values[0] if len(values) == 1 else {"set": values}
-
-
 def hexval(value: int, bits: int) -> str:
     """A raw payload's value: hex text, since JSON integers stop at 64 bits."""
     return f"0x{value:0{bits // 4}x}"
@@ -108,98 +114,160 @@ def mac_hex(mac: str) -> str:
 
 DROP: Expr = {"drop": None}
 ACCEPT: Expr = {"accept": None}
+GUEST_CHAIN, UNSPECIFIED_CHAIN = "guest", "unspecified"
+GUEST: Expr = {"goto": {"target": GUEST_CHAIN}}
+TO_UNSPECIFIED: Expr = {"goto": {"target": UNSPECIFIED_CHAIN}}
+
+
+def gaps(allowed: Iterable[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The ranges of [lo, hi] outside `allowed`: "not one of these" as plain range
+    matches, one rule each. An anonymous set ({a, b}) would be a kernel set per rule,
+    and nftables 1.0.6 fetches every set's elements whenever it reads a table, so a
+    plug's cost would grow with the number of NICs already filtered."""
+    out: list[tuple[int, int]] = []
+    start = lo
+    for value in sorted(set(allowed)):
+        if value > start:
+            out.append((start, value - 1))
+        start = max(start, value + 1)
+    if start <= hi:
+        out.append((start, hi))
+    return out
+
+
+def _span(first: Any, last: Any) -> Any:
+    return first if first == last else {"range": [first, last]}
+
+
+def drop_outside(head: list[Expr], left: Expr, allowed: Iterable[int], bits: int,
+                 render: Callable[[int], Any] = int) -> list[Rule]:
+    """Drop what `head` matches when `left` is none of `allowed` (a `bits`-wide value)."""
+    values = sorted(set(allowed))
+    if len(values) == 1:
+        return [[*head, match(left, render(values[0]), "!="), DROP]]
+    return [[*head, match(left, _span(render(a), render(b))), DROP]
+            for a, b in gaps(allowed, 0, (1 << bits) - 1)]
+
+
+def _ipv4(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+def _ipv6(value: int) -> str:
+    return str(ipaddress.IPv6Address(value))
+
+
+def _hex128(value: int) -> str:
+    return hexval(value, 128)
 
 
 def _never_from_guest() -> list[Rule]:
     """Router advertisements and redirects, DHCP and DHCPv6 server replies."""
     l4 = meta("l4proto")
-    return [
-        [match(l4, "icmp"), match(field("icmp", "type"), {"set": ["redirect", "router-advertisement"]}),
-         DROP],
-        [match(l4, "ipv6-icmp"), match(field("icmpv6", "type"), {"set": ["nd-router-advert",
-                                                                           "nd-redirect"]}), DROP],
-        [match(l4, "udp"), match(field("udp", "sport"), {"set": [67, 547]}), DROP],
-        [match(l4, "udp"), match(field("udp", "dport"), {"set": [68, 546]}), DROP],
-    ]
+    icmp = [[match(l4, "icmp"), match(field("icmp", "type"), t), DROP]
+            for t in ("redirect", "router-advertisement")]
+    icmp6 = [[match(l4, "ipv6-icmp"), match(field("icmpv6", "type"), t), DROP]
+             for t in ("nd-router-advert", "nd-redirect")]
+    udp = [[match(l4, "udp"), match(field("udp", port), n), DROP]
+           for port, numbers in (("sport", (67, 547)), ("dport", (68, 546))) for n in numbers]
+    return [*icmp, *icmp6, *udp]
 
 
-def _nd(f: Filter) -> list[Rule]:
-    """Neighbour solicitations and advertisements: no option or one 8-byte option
+ICMP6 = [match(meta("l4proto"), "ipv6-icmp")]
+NS = [*ICMP6, match(field("icmpv6", "type"), ND_NS)]
+NA = [*ICMP6, match(field("icmpv6", "type"), ND_NA)]
+ONE_OPTION = match(field("ip6", "length"), ND_LENGTHS[1])
+
+
+def _nd_shape() -> list[Rule]:
+    """Neighbour solicitations and advertisements carry no option or one 8-byte option
     (a solicitation's source link-layer address or DAD nonce, an advertisement's
-    target link-layer address), the link-layer address being the guest's; with
-    addresses, an advertisement is only for one of them."""
-    icmp6 = [match(meta("l4proto"), "ipv6-icmp")]
-    ns = [*icmp6, match(field("icmpv6", "type"), ND_NS)]
-    na = [*icmp6, match(field("icmpv6", "type"), ND_NA)]
-    one_option = match(field("ip6", "length"), ND_LENGTHS[1])
+    target link-layer address): the only shapes whose address the NIC's chain can
+    check at a fixed offset."""
     rules: list[Rule] = []
-    for head, options in ((ns, [SLLA, NONCE]), (na, [TLLA])):
-        rules.append([*head, match(field("ip6", "length"), {"set": list(ND_LENGTHS)}, "!="), DROP])
-        rules.append([*head, one_option, match(raw("th", ND_OPTION), anyof(options), "!="), DROP])
-    for head, option in ((ns, SLLA), (na, TLLA)):
-        rules.append([*head, one_option, match(raw("th", ND_OPTION), option),
-                      match(raw("th", ND_LLADDR), mac_hex(f.mac), "!="), DROP])
-    if f.filters_ips:
-        targets = [hexval(int(a), 128) for a in f.ipv6]
-        rules.append([*na, match(raw("th", ND_TARGET), anyof(targets), "!="), DROP] if targets
-                     else [*na, DROP])
+    for head, options in ((NS, [SLLA, NONCE]), (NA, [TLLA])):
+        rules += drop_outside(head, field("ip6", "length"), ND_LENGTHS, 16)
+        rules += drop_outside([*head, ONE_OPTION], raw("th", ND_OPTION), options, ND_OPTION[1])
     return rules
 
 
-def _sources(f: Filter) -> list[Rule]:
-    """IPv4 and IPv6 sources among the guest's addresses; 0.0.0.0 only for a DHCP
-    client's DISCOVER/REQUEST, :: only for DAD, router solicitations and MLD."""
-    proto = meta("nfproto") if f.family == "inet" else meta("protocol")
-    v4, v6 = ("ipv4", "ipv6") if f.family == "inet" else ("ip", "ip6")
-    rules: list[Rule] = [[
-        match(proto, v4), match(field("ip", "saddr"), "0.0.0.0"),
-        match(meta("l4proto"), "udp"), match(field("udp", "sport"), 68),
-        match(field("udp", "dport"), 67), ACCEPT]]
-    if f.ipv4:
-        rules.append([match(proto, v4), match(field("ip", "saddr"), anyof([str(a) for a in f.ipv4]),
-                                              "!="), DROP])
+def _protocols(family: str) -> tuple[Expr, str, str]:
+    """The key naming a packet's network protocol, and its IPv4 and IPv6 values."""
+    if family == "inet":
+        return meta("nfproto"), "ipv4", "ipv6"
+    return meta("protocol"), "ip", "ip6"  # bridge: the type inside any VLAN tag
+
+
+def shared_rules(family: str) -> dict[str, list[Rule]]:
+    """The rules every NIC shares, in two chains every NIC's chain ends in (a `goto`):
+    - `guest`: what never comes from a guest, the neighbour discovery shapes, and the
+      allowed protocols (bridge);
+    - `unspecified`: packets from 0.0.0.0 or ::, reached only at level `on`: a DHCP
+      client's DISCOVER/REQUEST, DAD, router solicitations and MLD reports.
+    Kept out of the NICs' chains because the kernel re-validates every chain reachable
+    from the base chain at each commit: a plug's cost grows with the rules of all the
+    NICs' chains, so those hold only what differs between NICs."""
+    proto, v4, v6 = _protocols(family)
+    guest = _never_from_guest()
+    if family == "bridge":
+        guest += _nd_shape()
+        guest += [[match(proto, kind), ACCEPT] for kind in ("arp", "ip", "ip6", RARP)]
+        guest.append([DROP])
     else:
-        rules.append([match(proto, v4), DROP])
-    unspecified = match(field("ip6", "saddr"), "::")
-    rules += [
-        [match(proto, v6), unspecified, match(meta("l4proto"), "ipv6-icmp", "!="), DROP],
-        [match(proto, v6), unspecified, match(field("icmpv6", "type"), {"set": [
-            "nd-router-solicit", "nd-neighbor-solicit", "mld-listener-report",
-            "mld2-listener-report"]}, "!="), DROP],
-        [match(proto, v6), match(field("ip6", "saddr"),
-                                 {"set": [*(str(a) for a in f.ipv6), "::"]}, "!="), DROP],
-    ]
+        guest.append([ACCEPT])
+    unspecified: list[Rule] = [
+        [match(proto, v4), match(meta("l4proto"), "udp"), match(field("udp", "sport"), 68),
+         match(field("udp", "dport"), 67), GUEST],
+        [match(proto, v4), DROP],
+        [match(proto, v6), match(meta("l4proto"), "ipv6-icmp", "!="), DROP],
+        *drop_outside([match(proto, v6)], field("icmpv6", "type"), UNSPECIFIED_ICMPV6, 8),
+        [GUEST]]
+    return {GUEST_CHAIN: guest, UNSPECIFIED_CHAIN: unspecified}
+
+
+def _own_sources(f: Filter) -> list[Rule]:
+    """IPv4 and IPv6 sources among the guest's addresses; 0.0.0.0 and :: go to the
+    `unspecified` chain."""
+    proto, v4, v6 = _protocols(f.family)
+    rules: list[Rule] = [
+        [match(proto, v4), match(field("ip", "saddr"), "0.0.0.0"), TO_UNSPECIFIED]]
+    rules += drop_outside([match(proto, v4)], field("ip", "saddr"),
+                          [int(a) for a in f.ipv4], 32, _ipv4)
+    rules.append([match(proto, v6), match(field("ip6", "saddr"), "::"), TO_UNSPECIFIED])
+    rules += drop_outside([match(proto, v6)], field("ip6", "saddr"),
+                          [int(a) for a in f.ipv6], 128, _ipv6)
     return rules
 
 
 def bridge_rules(f: Filter) -> list[Rule]:
-    ether = meta("protocol")  # the frame's type, inside any VLAN tag
-    rules: list[Rule] = [[match(field("ether", "saddr"), f.mac, "!="), DROP]]
+    """The NIC's own checks: its MAC as every source hardware address, its VLANs, its
+    addresses as ARP senders, NA targets and IP sources."""
+    rules: list[Rule] = [[match(field("ether", "saddr"), f.mac, "!="), DROP],
+                         [match(field("ether", "type"), "8021ad"), DROP]]
     if f.trunks:
-        rules.append([match(field("vlan", "id"), anyof(list(f.trunks)), "!="), DROP])
+        rules += drop_outside([], field("vlan", "id"), f.trunks, 12)
     else:
-        rules.append([match(field("ether", "type"), {"set": ["8021q", "8021ad"]}), DROP])
-    rules.append([match(ether, {"set": ["arp", "ip", "ip6", RARP]}, "!="), DROP])
-    rules += _never_from_guest()
-    rules.append([match(ether, RARP), match(raw("nh", ARP_SHA_BITS), mac_hex(f.mac), "!="), DROP])
+        rules.append([match(field("ether", "type"), "8021q"), DROP])
+    rules.append([match(meta("protocol"), RARP),
+                  match(raw("nh", ARP_SHA_BITS), mac_hex(f.mac), "!="), DROP])
     rules.append([match(field("arp", "saddr ether"), f.mac, "!="), DROP])
+    for head, option in ((NS, SLLA), (NA, TLLA)):
+        rules.append([*head, ONE_OPTION, match(raw("th", ND_OPTION), option),
+                      match(raw("th", ND_LLADDR), mac_hex(f.mac), "!="), DROP])
     if f.filters_ips:
-        rules.append([match(field("arp", "saddr ip"),
-                            {"set": [*(str(a) for a in f.ipv4), "0.0.0.0"]}, "!="), DROP])
-    rules += _nd(f)
-    if f.filters_ips:
-        rules += _sources(f)
-    rules.append([match(ether, {"set": ["arp", "ip", "ip6", RARP]}), ACCEPT])
-    rules.append([DROP])
+        rules += drop_outside([], field("arp", "saddr ip"), [0, *(int(a) for a in f.ipv4)],
+                              32, _ipv4)
+        rules += drop_outside(NA, raw("th", ND_TARGET), [int(a) for a in f.ipv6], 128, _hex128)
+        rules += _own_sources(f)
+    rules.append([GUEST])
     return rules
 
 
 def inet_rules(f: Filter) -> list[Rule]:
     rules: list[Rule] = [[match(field("ether", "saddr"), f.mac, "!="), DROP]]
-    rules += _never_from_guest()
     if f.filters_ips:
-        rules += _sources(f)
-    rules.append([ACCEPT])
+        rules += _own_sources(f)
+    rules.append([GUEST])
     return rules
 
 
@@ -208,19 +276,36 @@ def obj(family: str, **fields: Any) -> dict[str, Any]:
     return {"family": family, "table": TABLE, **fields}
 
 
+def shared_digest(family: str) -> str:
+    """What the read-back of the shared chains compares (see Filter.digest)."""
+    text = json.dumps(shared_rules(family), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def skeleton(family: str) -> list[dict[str, Any]]:
-    """The table, its one base chain and the map, (re)made idempotently: `add` keeps
-    what exists, and the base chain is flushed and given its one rule again in the
-    same transaction."""
-    return [
+    """The table, its base chain, the map and the shared chains, (re)made idempotently:
+    `add` keeps what exists, and each chain of ours is flushed and given its rules
+    again in the same transaction (a newer nichooks brings its own)."""
+    cmds: list[dict[str, Any]] = [
         {"add": {"table": {"family": family, "name": TABLE}}},
         {"add": {"chain": obj(family, name=BASE_CHAIN, type="filter", hook="prerouting",
                                prio=PRIORITY[family], policy="accept")}},
         {"add": {"map": obj(family, name=MAP, type="ifname", map="verdict")}},
+    ]
+    comment = "nichooks " + shared_digest(family)
+    shared = shared_rules(family)
+    for name in shared:
+        cmds += [{"add": {"chain": obj(family, name=name)}},
+                 {"flush": {"chain": obj(family, name=name)}}]
+    for name, chain_rules in shared.items():
+        cmds += [{"add": {"rule": obj(family, chain=name, comment=comment, expr=rule)}}
+                 for rule in chain_rules]
+    cmds += [
         {"flush": {"chain": obj(family, name=BASE_CHAIN)}},
-        {"add": {"rule": obj(family, chain=BASE_CHAIN, comment="nichooks dispatch",
+        {"add": {"rule": obj(family, chain=BASE_CHAIN, comment=DISPATCH,
                               expr=[{"vmap": {"key": meta("iifname"), "data": "@" + MAP}}])}},
     ]
+    return cmds
 
 
 def element(family: str, ifname: str, chain: str | None = None) -> dict[str, Any]:

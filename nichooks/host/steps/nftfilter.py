@@ -118,12 +118,28 @@ def _differs(net: Host, family: str, chain: str, ifname: str, digest: str,
     found = nft.chain_rules(family, TABLE, chain)
     if found is None:
         return f"nftables chain {family} {TABLE} {chain} is missing"
-    comments = [r.get("comment") for r in found]
-    if comments != [f"nichooks {digest}"] * count:
+    if [r.get("comment") for r in found] != [f"nichooks {digest}"] * count:
         return f"nftables chain {family} {TABLE} {chain} has other rules than ours"
     target = (nft.map_elements(family, TABLE, MAP) or {}).get(ifname)
     if target != chain:
         return f"{ifname} is not sent to {chain} in nftables {family} {TABLE} map {MAP}"
+    return _shared_differs(net, family)
+
+
+def _shared_differs(net: Host, family: str) -> str | None:
+    """What is wrong with the base chain or the chains every NIC shares, if anything:
+    a NIC's chain ends in `goto guest`, so an emptied shared chain would let its
+    packets through."""
+    nft = net.nft()
+    wanted = {name: len(found) for name, found in rules.shared_rules(family).items()}
+    comment = "nichooks " + rules.shared_digest(family)
+    for name, count in wanted.items():
+        found = nft.chain_rules(family, TABLE, name)
+        if found is None or [r.get("comment") for r in found] != [comment] * count:
+            return f"nftables chain {family} {TABLE} {name} is not ours as installed"
+    base = nft.chain_rules(family, TABLE, rules.BASE_CHAIN)
+    if base is None or [r.get("comment") for r in base] != [rules.DISPATCH]:
+        return f"nftables chain {family} {TABLE} {rules.BASE_CHAIN} does not dispatch to {MAP}"
     return None
 
 
@@ -171,17 +187,16 @@ def rebuild_filter(undo: dict[str, Any], nic: Nic, net: Host) -> NicFilter | Non
 
 
 def audit(journals: list[Journal], net: Host, family: str) -> set[str]:
-    """Keys of the journals whose filter is gone: one map listing per family, however
-    many NICs there are (a flushed ruleset, a deleted table or element)."""
+    """Keys of the journals whose filter is gone: one map listing and the shared chains
+    per family, however many NICs there are (a flushed ruleset, a deleted table,
+    element or shared chain)."""
     wanted = {j.key: (str(r.undo["ifname"]), str(r.undo["chain"]))
               for j in journals for r in j.records
               if r.kind == KIND and r.status != Status.FAILED and r.undo.get("family") == family}
     if not wanted:
         return set()
-    nft = net.nft()
-    elements = nft.map_elements(family, TABLE, MAP)
-    base = nft.chain_rules(family, TABLE, rules.BASE_CHAIN)
-    if elements is None or not base:
+    elements = net.nft().map_elements(family, TABLE, MAP)
+    if elements is None or _shared_differs(net, family) is not None:
         return set(wanted)
     return {key for key, (ifname, chain) in wanted.items() if elements.get(ifname) != chain}
 
