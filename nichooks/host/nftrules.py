@@ -47,7 +47,9 @@ ND_OPTION = (192, 16)
 ND_LLADDR = (208, 48)
 ND_LENGTHS = (24, 32)          # IPv6 payload length: no option, one 8-byte option
 SLLA, TLLA, NONCE = 0x0101, 0x0201, 0x0E01  # option type << 8 | length (in 8 bytes)
-ARP_SHA_BITS = (64, 48)        # RARP's sender hardware address (network header bits)
+# (R)ARP for Ethernet and IPv4, in network header bits: sender hardware and IP address.
+ARP_SHA_BITS = (64, 48)
+ARP_SPA_BITS = (112, 32)
 # What a guest without an address yet may send from ::, by ICMPv6 type: MLD reports
 # (131, 143), router and neighbour solicitations (133, 135).
 UNSPECIFIED_ICMPV6 = (131, 133, 135, 143)
@@ -241,22 +243,29 @@ def _own_sources(f: Filter) -> list[Rule]:
 
 def bridge_rules(f: Filter) -> list[Rule]:
     """The NIC's own checks: its MAC as every source hardware address, its VLANs, its
-    addresses as ARP senders, NA targets and IP sources."""
+    addresses as ARP senders, NA targets and IP sources. ARP is matched by the
+    protocol inside any VLAN tag (`meta protocol`) and raw offsets, which hold for a
+    tagged frame as for an untagged one (`arp saddr ether` would test `ether type`,
+    which reads 802.1Q on a tagged frame). A trunk's tagged frames get the MAC checks
+    and the shared ones only: the NIC's addresses are its untagged network's, and what
+    it uses on its other VLANs is unknown."""
+    protocol = meta("protocol")
     rules: list[Rule] = [[match(field("ether", "saddr"), f.mac, "!="), DROP],
                          [match(field("ether", "type"), "8021ad"), DROP]]
     if f.trunks:
         rules += drop_outside([], field("vlan", "id"), f.trunks, 12)
     else:
         rules.append([match(field("ether", "type"), "8021q"), DROP])
-    rules.append([match(meta("protocol"), RARP),
-                  match(raw("nh", ARP_SHA_BITS), mac_hex(f.mac), "!="), DROP])
-    rules.append([match(field("arp", "saddr ether"), f.mac, "!="), DROP])
+    rules += [[match(protocol, kind), match(raw("nh", ARP_SHA_BITS), mac_hex(f.mac), "!="), DROP]
+              for kind in ("arp", RARP)]
     for head, option in ((NS, SLLA), (NA, TLLA)):
         rules.append([*head, ONE_OPTION, match(raw("th", ND_OPTION), option),
                       match(raw("th", ND_LLADDR), mac_hex(f.mac), "!="), DROP])
     if f.filters_ips:
-        rules += drop_outside([], field("arp", "saddr ip"), [0, *(int(a) for a in f.ipv4)],
-                              32, _ipv4)
+        if f.trunks:
+            rules.append([match(field("ether", "type"), "8021q"), GUEST])
+        rules += drop_outside([match(protocol, "arp")], raw("nh", ARP_SPA_BITS),
+                              [0, *(int(a) for a in f.ipv4)], 32)
         rules += drop_outside(NA, raw("th", ND_TARGET), [int(a) for a in f.ipv6], 128, _hex128)
         rules += _own_sources(f)
     rules.append([GUEST])
