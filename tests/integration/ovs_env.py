@@ -63,6 +63,26 @@ class Guest:
         return Listener(self.ns.name, "eth0")
 
 
+def add_guest(host: Netns, tap: str, mac: str, ip4: str | None = None,
+              ip6: str | None = None) -> Guest:
+    """A guest in a namespace of its own, its `eth0` (MAC `mac`, addresses with their
+    prefix length, IPv6 without DAD) joined by a veth pair to `tap` in `host`, both up
+    on the guest's side. The caller deletes `guest.ns`."""
+    ns = Netns()
+    try:
+        host.ip("link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        ns.ip("link", "set", "eth0", "address", mac)
+        if ip4:
+            ns.ip("addr", "add", ip4, "dev", "eth0")
+        if ip6:
+            ns.ip("addr", "add", ip6, "dev", "eth0", "nodad")
+        ns.ip("link", "set", "eth0", "up")
+    except BaseException:
+        ns.delete()
+        raise
+    return Guest(ns=ns, tap=tap, mac=mac, ip4=ip4.split("/")[0] if ip4 else None)
+
+
 class Switch:
     def __init__(self, host: Netns, root: Path) -> None:
         self.host = host
@@ -168,15 +188,7 @@ class Switch:
 
     def add_guest(self, tap: str, mac: str, ip4: str | None = None,
                   ip6: str | None = None) -> Guest:
-        ns = Netns()
-        self.host.ip("link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
-        ns.ip("link", "set", "eth0", "address", mac)
-        if ip4:
-            ns.ip("addr", "add", ip4, "dev", "eth0")
-        if ip6:
-            ns.ip("addr", "add", ip6, "dev", "eth0", "nodad")
-        ns.ip("link", "set", "eth0", "up")
-        guest = Guest(ns=ns, tap=tap, mac=mac, ip4=ip4.split("/")[0] if ip4 else None)
+        guest = add_guest(self.host, tap, mac, ip4, ip6)
         self.guests.append(guest)
         return guest
 

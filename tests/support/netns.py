@@ -124,6 +124,29 @@ class Netns:
                     obj.pop("handle", None)
         return [item for item in items if "metainfo" not in item]
 
+    def nft_table(self, family: str, table: str = "nichooks") -> dict[str, Any] | None:
+        """`family table` as `nft -j list ruleset` shows it: its chains, its sets and maps
+        (name -> type), and the map `nics` (tap -> goto target); None if there is no such
+        table."""
+        items = self.nft_ruleset()
+        if not any(i.get("table", {}).get("family") == family and i["table"].get("name") == table
+                   for i in items):
+            return None
+
+        def mine(kind: str) -> list[dict[str, Any]]:
+            return [i[kind] for i in items if kind in i and i[kind].get("family") == family
+                    and i[kind].get("table") == table]
+
+        elements: dict[str, str] = {}
+        for m in mine("map"):
+            for key, verdict in m.get("elem", []) if m.get("name") == "nics" else []:
+                target = (verdict.get("goto") or verdict.get("jump") or {}).get("target")
+                elements[str(key)] = str(target)
+        return {"chains": sorted(c["name"] for c in mine("chain")),
+                "sets": {s["name"]: s.get("type") for s in mine("set")},
+                "maps": sorted(m["name"] for m in mine("map")),
+                "elements": elements}
+
 
 def list_netns() -> set[str]:
     out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
