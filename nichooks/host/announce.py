@@ -114,24 +114,10 @@ def _hwaddr(sock: socket.socket, ifname: str, ip: str) -> bytes:
     return bytes(mac)
 
 
-# Packet sockets this process leaves for its exit to close (defer_closes()).
-_DEFERRED: list[socket.socket] | None = None
-
-
-def defer_closes() -> None:
-    """For a process that ends as soon as its call is answered (the agent's process for
-    a served hook): leave packet sockets open for the exit to close. The kernel closes
-    a packet socket only after an RCU grace period (synchronize_net: 5-10 ms here),
-    which the caller would otherwise wait for."""
-    global _DEFERRED
-    _DEFERRED = []
-
-
 def _release(sock: socket.socket) -> None:
-    if _DEFERRED is None:
-        sock.close()
-    else:
-        _DEFERRED.append(sock)
+    from nichooks.host.closing import release
+
+    release(sock, sock.close)
 
 
 def _packet_socket(ifname: str, ip: str) -> tuple[socket.socket, bytes]:

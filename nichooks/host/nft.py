@@ -136,4 +136,10 @@ class Nft:
         return [] if any(item.get("table", {}).get("name") == table for item in tables) else None
 
     def close(self) -> None:
-        self._ctx = None  # the binding frees its context when the object goes
+        """The binding frees its context (and closes its socket) when the object goes:
+        now, or at the exit of a served call's process (host/closing.py)."""
+        from nichooks.host.closing import release
+
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            release(ctx, lambda: None)

@@ -232,7 +232,7 @@ def run_as_caller(req: Request, fds: list[int],
     os.environb.clear()
     os.environb.update(req.env)
     os.umask(req.umask)
-    from nichooks.host.announce import defer_closes
+    from nichooks.host.closing import defer_closes
 
     defer_closes()  # this process ends once it has answered: its exit closes them
     try:

@@ -108,25 +108,31 @@ class NicFilter:
         return {"rules": len(self.filter.rules())}
 
     def verify(self, net: Host) -> str | None:
-        """The NIC's chain and element, read back: they came in the same transaction as
-        the shared chains, so these prove that all of it was applied."""
+        """The NIC's chain, its element, the shared and base chains: a repair re-applies
+        the step when any of them does not read back (an emptied shared chain would
+        let the NIC's packets through)."""
         f = self.filter
-        return _differs(net, f.family, f.chain, f.ifname, f.digest(), len(f.rules()),
-                        shared=False)
+        return _differs(net, f.family, f.chain, f.ifname, f.digest(), len(f.rules()))
 
 
-def _differs(net: Host, family: str, chain: str, ifname: str, digest: str,
-             count: int, shared: bool = True) -> str | None:
-    nft = net.nft()
-    found = nft.chain_rules(family, TABLE, chain)
+def _chain_differs(net: Host, family: str, chain: str, digest: str, count: int) -> str | None:
+    found = net.nft().chain_rules(family, TABLE, chain)
     if found is None:
         return f"nftables chain {family} {TABLE} {chain} is missing"
     if [r.get("comment") for r in found] != [f"nichooks {digest}"] * count:
         return f"nftables chain {family} {TABLE} {chain} has other rules than ours"
-    target = (nft.map_elements(family, TABLE, MAP) or {}).get(ifname)
+    return None
+
+
+def _differs(net: Host, family: str, chain: str, ifname: str, digest: str,
+             count: int) -> str | None:
+    wrong = _chain_differs(net, family, chain, digest, count)
+    if wrong is not None:
+        return wrong
+    target = (net.nft().map_elements(family, TABLE, MAP) or {}).get(ifname)
     if target != chain:
         return f"{ifname} is not sent to {chain} in nftables {family} {TABLE} map {MAP}"
-    return _shared_differs(net, family) if shared else None
+    return _shared_differs(net, family)
 
 
 def _shared_differs(net: Host, family: str) -> str | None:
