@@ -33,6 +33,7 @@ class LinkState:
     up: bool
     master: int | None
     loopback: bool = False  # IFF_LOOPBACK: never a guest's tap, whatever its name
+    root_block: bool | None = None  # a bridge port's root_block (None: not a bridge port)
 
     def not_a_tap(self) -> str | None:
         """Why this device cannot be a guest's tap, or None. Loopback would take our MAC
@@ -125,6 +126,8 @@ class Netlink:
             up=bool(msg["flags"] & 1),
             master=msg.get("master") or None,
             loopback=bool(msg["flags"] & IFF_LOOPBACK),
+            root_block=(bool(msg.get(("linkinfo", "slave_data", "protect")))
+                        if msg.get(("linkinfo", "slave_kind")) == "bridge" else None),
         )
 
     def find(self, name: str) -> LinkState | None:
@@ -151,6 +154,10 @@ class Netlink:
 
     def set_link(self, index: int, **changes: Any) -> None:
         self._call(self.ipr.link, "set", index=index, **changes)
+
+    def set_root_block(self, index: int, on: bool) -> None:
+        """The bridge port's root_block (IFLA_BRPORT_PROTECT)."""
+        self._call(self.ipr.brport, "set", index=index, protect=int(on))
 
     def bridge_vlan_filtering(self, bridge: LinkState) -> bool:
         """Read from sysfs: pyroute2 0.9 does not decode IFLA_BR_VLAN_FILTERING."""

@@ -72,6 +72,10 @@ def plan(nic: Nic, net: Host) -> Plan:
     else:
         steps.append(NicFilter(guard))  # before the tap joins the bridge
     steps.append(SetLink(nic.tap, "master", bridge.index, shown=bridge.name))
+    if guard is not None:
+        # With STP on, the bridge takes BPDUs before any netfilter hook: root_block keeps
+        # a guest's superior BPDU from making its port the root port.
+        steps.append(SetLink(nic.tap, "root_block", True))
     if nic.vlan is not None:
         steps.append(BridgeVlans(nic.tap, nic.vlan.access, nic.vlan.trunks))
     steps.append(SetLink(nic.tap, "up", True))

@@ -554,3 +554,40 @@ def test_trunk_nic_tagged_frames_get_the_mac_checks_but_not_the_address_checks(l
         for g in (a, b):
             host.ip("link", "set", g.tap, "down", "nomaster", check=False)
     assert host.snapshot() == before
+
+
+# --- 6. spanning tree: a guest's BPDUs never make its port the root port ----------------
+def bpdu(g: Guest) -> bytes:
+    """An 802.1D configuration BPDU from `g` claiming the best root there is (priority
+    0): a bridge running STP makes the port it came in on its root port."""
+    best = struct.pack("!H", 0) + pk.mac_bytes("00:00:00:00:00:01")
+    body = (struct.pack("!HBBB", 0, 0, 0, 0) + best + struct.pack("!I", 0) + best
+            + struct.pack("!HHHHH", 0x8001, 0, 20 * 256, 2 * 256, 15 * 256))
+    llc = bytes([0x42, 0x42, 0x03]) + body
+    frame = pk.mac_bytes("01:80:c2:00:00:00") + pk.mac_bytes(g.mac) + struct.pack("!H", len(llc))
+    return (frame + llc).ljust(60, b"\0")
+
+
+def root_id(lan: Lan) -> str:
+    return lan.host.run("cat", "/sys/class/net/br0/bridge/root_id").stdout.strip()
+
+
+def test_bpdus_from_a_filtered_guest_never_make_it_the_root(lan: Lan) -> None:
+    """With STP on, the bridge takes BPDUs before any netfilter hook, so the filter
+    cannot drop them: root_block on the port does. a (filtered) claims the root and
+    its port stops forwarding instead, the root unmoved; b, plugged with filtering off
+    (no root_block), shows that the same BPDU does move the root."""
+    lan.host.ip("link", "set", "br0", "type", "bridge", "stp_state", "1", "forward_delay", "200")
+    own = root_id(lan)
+    a, b = lan.ifup("a"), lan.ifup("b", NICHOOKS_ANTISPOOF="off")
+    assert lan.host.link("tapa")["linkinfo"]["info_slave_data"]["root_block"] is True
+    assert lan.host.link("tapb")["linkinfo"]["info_slave_data"]["root_block"] is False
+    wait_for("tapa and tapb forwarding",
+             lambda: port_state(lan, "tapa") == port_state(lan, "tapb") == "forwarding", 30)
+
+    send_frames(a, [bpdu(a)])
+    wait_for("tapa blocked by the BPDU it sent", lambda: port_state(lan, "tapa") != "forwarding", 10)
+    assert root_id(lan) == own
+
+    send_frames(b, [bpdu(b)])
+    wait_for("the root to move to b's claim", lambda: root_id(lan) == "0000.000000000001", 10)

@@ -264,7 +264,7 @@ def test_syslog_gets_one_structured_line_per_step(site: Site, tmp_path: Path) ->
     steps = [f"set tap0 MAC to fe{mac[2:]}", "set tap0 MTU to 1500",
              "sysctl net.ipv6.conf.tap0.disable_ipv6=1",
              f"filter tap0 in nftables bridge nichooks (on: MAC {site.env()['MAC']})",
-             "attach tap0 to bridge br0", "bring tap0 up"]
+             "attach tap0 to bridge br0", "set root_block on bridge port tap0", "bring tap0 up"]
     nic = {"instance": "inst1.example.org", "uuid": site.nic_uuid, "tap": "tap0"}
     with SyslogSocket(tmp_path / "log.sock") as syslog:
 
@@ -284,7 +284,7 @@ def test_syslog_gets_one_structured_line_per_step(site: Site, tmp_path: Path) ->
             assert fields == {**nic, "context": "start", "mode": "bridged", "event": "step",
                               "step": fields["step"], "result": "ok", **facts}
         [done] = step_lines(lines, "ifup")
-        assert (done["result"], done["steps"], done["uuid"]) == ("ok", "6", site.nic_uuid)
+        assert (done["result"], done["steps"], done["uuid"]) == ("ok", str(len(steps)), site.nic_uuid)
 
         down, lines = hook("kvm-ifdown", "tap0")
         assert (down.returncode, down.stdout, down.stderr) == (0, "", "")

@@ -67,9 +67,14 @@ class FakeNet:
         if "master" in changes:
             master = changes["master"] or None
             state = dataclasses.replace(state, master=master,
-                                        slave_kind="bridge" if master else None)
+                                        slave_kind="bridge" if master else None,
+                                        root_block=False if master else None)
             self.vlans[index] = {1: {"pvid", "untagged"}} if master else {}
         self.links[index] = state
+
+    def set_root_block(self, index: int, on: bool) -> None:
+        self.calls.append(("root_block", index, on))
+        self.links[index] = dataclasses.replace(self.links[index], root_block=on)
 
     def vlan_add(self, index: int, vid: int, *, pvid: bool, untagged: bool) -> None:
         self.calls.append(("vlan_add", vid, pvid, untagged))
@@ -108,6 +113,7 @@ def test_plan_as_data_without_vlan() -> None:
          "ifname": "tap0", "level": "on", "mac": "aa:00:00:00:00:01", "ipv4": [], "ipv6": [],
          "trunks": []},
         {"step": "link.master", "ifname": "tap0", "value": "br0"},
+        {"step": "link.root_block", "ifname": "tap0", "value": True},
         {"step": "link.up", "ifname": "tap0", "value": True},
     ]
 
@@ -120,8 +126,9 @@ def test_plan_vlan_entries_before_up(vlan: str, pvid: int | None, tagged: list[i
     plan = bridge.plan(make_nic(vlan), make_net())
     data = plan.as_data()
     assert [d["step"] for d in data] == ["link.mac", "link.mtu", "sysctl", "nft.filter",
-                                         "link.master", "bridge.vlans", "link.up"]
-    assert data[5] == {"step": "bridge.vlans", "ifname": "tap0", "pvid_untagged": pvid, "tagged": tagged}
+                                         "link.master", "link.root_block", "bridge.vlans",
+                                         "link.up"]
+    assert data[6] == {"step": "bridge.vlans", "ifname": "tap0", "pvid_untagged": pvid, "tagged": tagged}
     assert data[3]["trunks"] == tagged  # the filter lets tagged frames through for these only
 
 

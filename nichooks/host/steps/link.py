@@ -1,4 +1,5 @@
-"""Steps on one link: MAC, MTU, master, up, and bridge-port VLAN entries.
+"""Steps on one link: MAC, MTU, master, up, a bridge port's root_block, and bridge-port
+VLAN entries.
 
 Undo restores the previous value only while the link is still the one we changed
 (same ifindex: a reused tap name is a new plug) and still holds the value we set
@@ -18,11 +19,12 @@ from nichooks.host.netlink import LinkState, ignore_gone
 if TYPE_CHECKING:
     from nichooks.host.host import Host
 
-ATTRS = ("mac", "mtu", "master", "up")
+ATTRS = ("mac", "mtu", "master", "up", "root_block")
 
 
 def _current(state: LinkState, attr: str) -> Any:
-    return {"mac": state.mac, "mtu": state.mtu, "master": state.master, "up": state.up}[attr]
+    return {"mac": state.mac, "mtu": state.mtu, "master": state.master, "up": state.up,
+            "root_block": state.root_block}[attr]
 
 
 def require_link(net: Host, ifname: str) -> LinkState:
@@ -31,6 +33,13 @@ def require_link(net: Host, ifname: str) -> LinkState:
     if state is None:
         raise NetlinkError(19, f"{ifname} has disappeared")
     return state
+
+
+def _set(net: Host, index: int, attr: str, value: Any) -> None:
+    if attr == "root_block":
+        net.netlink.set_root_block(index, bool(value))
+    else:
+        net.netlink.set_link(index, **_netlink_args(attr, value))
 
 
 def _netlink_args(attr: str, value: Any) -> dict[str, Any]:
@@ -60,6 +69,8 @@ class SetLink:
             "mtu": f"set {self.ifname} MTU to {shown}",
             "master": f"attach {self.ifname} to bridge {shown}",
             "up": f"bring {self.ifname} {'up' if self.value else 'down'}",
+            "root_block": f"{'set' if self.value else 'clear'} root_block on bridge port "
+                          f"{self.ifname}",
         }[self.attr]
 
     def as_data(self) -> dict[str, Any]:
@@ -73,7 +84,7 @@ class SetLink:
             "old": _current(state, self.attr), "new": self.value})
 
     def apply(self, net: Host) -> None:
-        net.netlink.set_link(require_link(net, self.ifname).index, **_netlink_args(self.attr, self.value))
+        _set(net, require_link(net, self.ifname).index, self.attr, self.value)
 
     def verify(self, net: Host) -> str | None:
         state = net.netlink.find(self.ifname)
@@ -94,12 +105,12 @@ def undo_link_attr(net: Host, undo: dict[str, Any]) -> None:
     if attr not in ATTRS:
         raise ValueError(f"unknown link attribute {attr!r}")
     if _current(state, attr) != undo["new"]:
-        return  # changed by someone else since: theirs now
+        return  # changed by someone else since (or no longer a bridge port): theirs now
     old = undo["old"]
     if attr == "master" and old and net.netlink.by_index(old) is None:
         old = None  # the previous master is gone: detach only
     with ignore_gone():
-        net.netlink.set_link(state.index, **_netlink_args(attr, old))
+        _set(net, state.index, attr, old)
 
 
 @checks("link.attr")
