@@ -523,3 +523,30 @@ def test_fact_kind_is_registered_only_here() -> None:
     entry = kinds.KINDS[KIND]
     assert entry.undo is undo_fact and entry.present is fact_present and entry.rebuild is rebuild_fact
     assert not kinds.by_tap_name(Record(kind=KIND, undo={}, step=""))
+
+
+class _Partial:
+    """A step whose full read-back differs but whose read-back right after its own
+    apply (one atomic transaction) passes."""
+
+    kind = "fake.partial"
+
+    def verify(self, net: Any) -> str | None:
+        return "the shared part differs"
+
+    def verify_applied(self, net: Any) -> str | None:
+        return None
+
+
+class _Whole:
+    kind = "fake.whole"
+
+    def verify(self, net: Any) -> str | None:
+        return "differs"
+
+
+def test_read_back_right_after_apply_may_check_less_and_repairs_check_all() -> None:
+    partial = cast(Step, _Partial())
+    assert txn.read_back(partial, None) == "the shared part differs"  # repair, status
+    assert txn.read_back(partial, None, just_applied=True) is None    # a plug's verify
+    assert txn.read_back(cast(Step, _Whole()), None, just_applied=True) == "differs"

@@ -114,6 +114,13 @@ class NicFilter:
         f = self.filter
         return _differs(net, f.family, f.chain, f.ifname, f.digest(), len(f.rules()))
 
+    def verify_applied(self, net: Host) -> str | None:
+        """Right after this process applied it: the NIC's chain. It came in one
+        transaction with the element and the shared chains, which either all applied
+        or none did; their listings grow with the number of NICs."""
+        f = self.filter
+        return _chain_differs(net, f.family, f.chain, f.digest(), len(f.rules()))
+
 
 def _chain_differs(net: Host, family: str, chain: str, digest: str, count: int) -> str | None:
     found = net.nft().chain_rules(family, TABLE, chain)
