@@ -147,7 +147,7 @@ def _shared_differs(net: Host, family: str) -> str | None:
     a NIC's chain ends in `goto guest`, so an emptied shared chain would let its
     packets through."""
     nft = net.nft()
-    wanted = {name: len(found) for name, found in rules.shared_rules(family).items()}
+    wanted = {name: len(chain_rules) for name, chain_rules in rules.shared_rules(family).items()}
     comment = "nichooks " + rules.shared_digest(family)
     for name, count in wanted.items():
         found = nft.chain_rules(family, TABLE, name)
