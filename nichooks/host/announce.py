@@ -44,6 +44,7 @@ import socket
 import struct
 
 from nichooks.errors import PlumbingError
+from nichooks.host.closing import release
 
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
@@ -114,12 +115,6 @@ def _hwaddr(sock: socket.socket, ifname: str, ip: str) -> bytes:
     return bytes(mac)
 
 
-def _release(sock: socket.socket) -> None:
-    from nichooks.host.closing import release
-
-    release(sock, sock.close)
-
-
 def _packet_socket(ifname: str, ip: str) -> tuple[socket.socket, bytes]:
     """A raw packet socket bound to the interface (protocol 0: it never receives),
     and the interface's MAC."""
@@ -179,7 +174,7 @@ def gratuitous_arp(ifname: str, ip: str, count: int = 1) -> None:
             for frame in frames:
                 _send(sock, frame, ifname, ip, "gratuitous ARP")
     finally:
-        _release(sock)
+        release(sock, sock.close)
 
 
 # --- IPv6 -----------------------------------------------------------------------------
@@ -282,7 +277,7 @@ def _na_packet(ifname: str, ip: str, source: bytes | None, target: bytes, count:
         for _ in range(count):
             _send(sock, frame, ifname, ip, "unsolicited neighbour advertisement")
     finally:
-        _release(sock)
+        release(sock, sock.close)
 
 
 def unsolicited_na(ifname: str, ip: str, count: int = 1) -> None:

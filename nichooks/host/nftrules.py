@@ -148,7 +148,7 @@ def drop_outside(head: list[Expr], left: Expr, allowed: Iterable[int], bits: int
     if len(values) == 1:
         return [[*head, match(left, render(values[0]), "!="), DROP]]
     return [[*head, match(left, _span(render(a), render(b))), DROP]
-            for a, b in gaps(allowed, 0, (1 << bits) - 1)]
+            for a, b in gaps(values, 0, (1 << bits) - 1)]
 
 
 def _ipv4(value: int) -> str:
